@@ -1,0 +1,200 @@
+"""``pixgene`` on the command line: ``pixgene demo`` and ``pixgene predict``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("pixgene")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import pixgene as pg
+
+    out = Path(args.out)
+    store = out / "demo.zarr"
+    if store.exists() and not args.overwrite:
+        print(f"{store} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t0
+        now = time.perf_counter()
+        timings[name] = round(now - t0, 2)
+        t0 = now
+
+    sdata = pg.datasets.synthetic(seed=args.seed)
+    if store.exists():
+        import shutil
+
+        shutil.rmtree(store)
+    sdata.write(store)
+    lap("synthetic data")
+    genes = pg.pp.select_genes(sdata, n_top=args.n_genes, flavor="hvg")
+    model = pg.tl.fit(sdata, genes=genes, max_epochs=args.epochs, random_state=args.seed)
+    model.save(out / "model", overwrite=True)
+    lap("fit")
+    pg.tl.predict_dense(sdata, model, um_per_px=args.um_per_px)
+    lap("predict_dense")
+    pg.tl.make_grid(sdata, bin_um=10.0, key_added="bins_10um", within="tissue")
+    for shapes in ("spots", "cells", "bins_10um"):
+        pg.tl.aggregate(sdata, shapes=shapes, dense_key="he_pixgene")
+    lap("aggregate")
+    pg.tl.colour_control(sdata, genes=genes, um_per_px=args.um_per_px)
+    pg.tl.aggregate(sdata, shapes="bins_10um", dense_key="he_colour_control", key_added="bins_10um_colour")
+    lap("colour control")
+
+    rows = {
+        "pixgene, 10 um bins vs truth": pg.tl.evaluate(sdata, predicted="bins_10um_pixgene", truth="truth", genes=genes),
+        "colour control, 10 um bins vs truth": pg.tl.evaluate(sdata, predicted="bins_10um_colour", truth="truth",
+                                                              genes=genes),
+        "pixgene, cells vs truth": pg.tl.evaluate(sdata, predicted="cells_pixgene", truth="truth", genes=genes),
+        "pixgene, spots vs measured": pg.tl.evaluate(sdata, predicted="spots_pixgene", measured="table", genes=genes),
+    }
+    lap("evaluate")
+    for key in ("bins_10um", "bins_10um_pixgene", "bins_10um_colour", "cells_pixgene", "spots_pixgene"):
+        if key in sdata.shapes:
+            sdata.write_element(key, overwrite=True) if key in _stored(store, "shapes") else sdata.write_element(key)
+        elif key in sdata.tables:
+            sdata.write_element(key, overwrite=key in _stored(store, "tables"))
+    sdata.write_attrs()
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = rows["pixgene, 10 um bins vs truth"].per_gene["pearson"].sort_values(ascending=False).index[:3].tolist()
+    fig = _figure(sdata, best)
+    fig.savefig(out / "demo.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    metrics = {
+        "scores": {name: s.summary for name, s in rows.items()},
+        "per_gene_pearson_10um": rows["pixgene, 10 um bins vs truth"].per_gene["pearson"].round(4).to_dict(),
+        "timings_s": timings,
+        "model_id": model.model_id,
+        "model": {"best_epoch": model.training.get("best_epoch"), "epochs_run": model.training.get("epochs_run")},
+        "genes": genes,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    width = max(len(n) for n in rows)
+    print(f"\n{'':{width}}  PCC@F  PCC@S  PCC@M     MSE     MAE")
+    for name, s in rows.items():
+        m = s.summary
+        print(f"{name:{width}}  {m['PCC@F']:.3f}  {m['PCC@S']:.3f}  {m['PCC@M']:.3f}  {m['MSE']:.4f}  {m['MAE']:.4f}")
+    gain = rows["pixgene, 10 um bins vs truth"].summary["PCC@M"] - rows["colour control, 10 um bins vs truth"].summary["PCC@M"]
+    print(f"\npixgene - colour control, PCC@M at 10 um: {gain:+.3f}")
+    print(f"time: {sum(timings.values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
+    print(f"wrote {store}, {out / 'demo.png'}, {out / 'metrics.json'}, {out / 'model'}")
+    return 0 if np.isfinite(gain) else 1
+
+
+def _stored(store: Path, kind: str) -> set[str]:
+    folder = store / kind
+    return {p.name for p in folder.iterdir()} if folder.exists() else set()
+
+
+def _figure(sdata, genes):
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ._raster import full_resolution
+
+    he = full_resolution(sdata.images["he"]).values.transpose(1, 2, 0)
+    maps = {
+        "truth": full_resolution(sdata.images["truth"]),
+        "pixgene": full_resolution(sdata.images["he_pixgene"]),
+        "colour control": full_resolution(sdata.images["he_colour_control"]),
+    }
+    fig, axes = plt.subplots(len(genes), 4, figsize=(14, 3.6 * len(genes)), squeeze=False)
+    for r, gene in enumerate(genes):
+        axes[r, 0].imshow(he)
+        axes[r, 0].set_title("H&E" if r == 0 else "")
+        truth = np.asarray(maps["truth"].sel(c=gene).values)
+        vmax = float(np.quantile(truth, 0.99)) or 1.0
+        for c, (name, m) in enumerate(maps.items(), start=1):
+            im = axes[r, c].imshow(np.asarray(m.sel(c=gene).values), vmin=0, vmax=vmax, cmap="magma")
+            axes[r, c].set_title(f"{gene}: {name}")
+        fig.colorbar(im, ax=axes[r, 3], label="counts / um$^2$", fraction=0.046)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import spatialdata as sd
+
+    import pixgene as pg
+
+    model = pg.tl.PixNet.load(args.model)
+    src = Path(args.image)
+    if src.suffix == ".zarr" or src.is_dir():
+        sdata = sd.read_zarr(src)
+        image_key = args.image_key
+    else:
+        from PIL import Image
+
+        from .io._build import parse_rgb_image
+        from ._units import record_um_per_px
+
+        if args.image_um_per_px is None:
+            print("--image-um-per-px is required for an image file", file=sys.stderr)
+            return 2
+        Image.MAX_IMAGE_PIXELS = None
+        sdata = sd.SpatialData(images={args.image_key: parse_rgb_image(Image.open(src).convert("RGB"),
+                                                                        name=args.image_key)})
+        record_um_per_px(sdata, args.image_key, args.image_um_per_px)
+        image_key = args.image_key
+    out = Path(args.out)
+    if out.resolve() != src.resolve():
+        if out.exists() and not args.overwrite:
+            print(f"{out} exists; pass --overwrite", file=sys.stderr)
+            return 2
+        sdata.write(out, overwrite=args.overwrite)
+        sdata = sd.read_zarr(out)
+    pg.tl.predict_dense(sdata, model, image_key=image_key, um_per_px=args.um_per_px,
+                        image_um_per_px=args.image_um_per_px, overwrite=args.overwrite)
+    print(f"wrote {image_key}_pixgene to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pixgene", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="synthetic slide -> fit -> dense map -> spots/cells/bins -> scores")
+    demo.add_argument("--out", default="pixgene_demo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=int, default=40)
+    demo.add_argument("--n-genes", type=int, default=30)
+    demo.add_argument("--um-per-px", type=float, default=4.0)
+    demo.add_argument("--overwrite", action="store_true")
+    demo.set_defaults(func=_demo)
+    pred = sub.add_parser("predict", help="dense map of an image with a saved model")
+    pred.add_argument("--model", required=True)
+    pred.add_argument("--image", required=True, help="a SpatialData .zarr or an RGB image file")
+    pred.add_argument("--out", required=True, help="output SpatialData .zarr (may equal --image)")
+    pred.add_argument("--image-key", default="he")
+    pred.add_argument("--image-um-per-px", type=float, default=None)
+    pred.add_argument("--um-per-px", type=float, default=4.0)
+    pred.add_argument("--overwrite", action="store_true")
+    pred.set_defaults(func=_predict)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("lightning", "lightning.pytorch", "numba", "distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Training tiles: where to cut them, their cached frozen-encoder features and their spot operators."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._augment import dihedral, stain_jitter
+from ._geometry import circle_weights
+from ._reader import SlideReader
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SlideSpots:
+    """One training slide in encoder pixels."""
+
+    name: str
+    reader: SlideReader
+    centers: np.ndarray  # (n, 2) x, y in encoder pixels
+    radius: float  # encoder pixels
+    counts: np.ndarray  # (n, G + 1): selected genes then the library size
+    train_mask: np.ndarray  # (n,) bool; False = held out for validation
+    slide_index: int = 0
+
+
+def plan_tiles(centers: np.ndarray, radius: float, tile: int, margin: int) -> np.ndarray:
+    """Top-left corners of few tiles such that every spot lies fully inside the core of at least one.
+
+    Candidates on a grid fine enough that each spot fits some candidate; then a greedy set cover.
+    """
+    core = tile - 2 * margin
+    if 2 * radius > core:
+        raise ValueError(f"spots of diameter {2 * radius:.0f} px do not fit a {tile} px tile with margin {margin}")
+    step = max(8, int((core - 2 * radius) // 2))
+    lo = np.floor(centers.min(0) - tile).astype(int)
+    hi = np.ceil(centers.max(0)).astype(int)
+    xs = np.arange(lo[0], hi[0] + 1, step)
+    ys = np.arange(lo[1], hi[1] + 1, step)
+    cand = np.stack(np.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
+    inside = spots_inside(cand, centers, radius, tile, margin)  # (n_cand, n_spots)
+    keep = inside.any(1)
+    cand, inside = cand[keep], inside[keep]
+    uncovered = np.ones(len(centers), dtype=bool)
+    chosen = []
+    while uncovered.any():
+        gain = (inside & uncovered[None, :]).sum(1)
+        best = int(np.argmax(gain))
+        if gain[best] == 0:
+            break
+        chosen.append(cand[best])
+        uncovered &= ~inside[best]
+    return np.asarray(chosen, dtype=int).reshape(-1, 2)
+
+
+def spots_inside(corners: np.ndarray, centers: np.ndarray, radius: float, tile: int, margin: int) -> np.ndarray:
+    lo = corners[:, None, :] + margin + radius
+    hi = corners[:, None, :] + tile - margin - radius
+    c = centers[None, :, :]
+    return np.all((c >= lo) & (c <= hi), axis=-1)
+
+
+@dataclass
+class TileView:
+    slide: int
+    spot_ids: np.ndarray  # indices into the slide's spots
+    rows: np.ndarray  # nonzero entries of the (spots x output pixels) area operator, um^2
+    cols: np.ndarray
+    weights: np.ndarray
+    dihedral: int
+
+
+@dataclass
+class TrainingCache:
+    """Frozen-encoder features of every (tile, view), and what each view supervises."""
+
+    features: list  # per decoder level: tensor (n_tiles, n_views, C, h, w) float16
+    views: list[list[TileView]]  # [tile][view]
+    slides: list[SlideSpots]
+    tile: int
+    out_stride: int
+    levels: list[int] = field(default_factory=list)
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.views)
+
+
+def build_cache(
+    slides: list[SlideSpots],
+    module,
+    *,
+    tile: int,
+    margin: int,
+    n_views: int,
+    stain_strength: float,
+    rng: np.random.Generator,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> TrainingCache:
+    """Encode every training tile ``n_views`` times (view 0 plain; others dihedral + shift + stain jitter)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    s = module.out_stride
+    out_um = slides[0].reader.target_um * s
+    levels = module.used_levels
+    jobs = []  # (slide, x0, y0, view, dihedral, jitter)
+    for si, slide in enumerate(slides):
+        corners = plan_tiles(slide.centers, slide.radius, tile, margin)
+        for x0, y0 in corners:
+            tile_jobs = []
+            for v in range(n_views):
+                d = 0 if v == 0 else int(rng.integers(0, 8))
+                shift = (0, 0) if v == 0 else _random_shift(slide, x0, y0, tile, margin, s, rng)
+                tile_jobs.append((si, int(x0 + shift[0]), int(y0 + shift[1]), v, d, v > 0))
+            jobs.append(tile_jobs)
+    logger.info("training on %d tiles x %d views of %d px", len(jobs), n_views, tile)
+
+    views: list[list[TileView]] = []
+    feats = None
+    flat = [j for tile_jobs in jobs for j in tile_jobs]
+    device = next(module.parameters()).device
+    bar = tqdm(total=len(flat), desc="encoding training tiles", unit="view", disable=not progress)
+    with torch.inference_mode():
+        for start in range(0, len(flat), batch_size):
+            batch = flat[start : start + batch_size]
+            images = []
+            for si, x0, y0, _, d, jitter in batch:
+                img = slides[si].reader.read(x0, y0, tile, tile)
+                if jitter and stain_strength > 0:
+                    img = stain_jitter(img, rng, stain_strength)
+                images.append(dihedral(torch.from_numpy(img), d))
+            out = module.encode(torch.stack(images).to(device))
+            if feats is None:
+                feats = [
+                    torch.empty((len(jobs), n_views, *out[i].shape[1:]), dtype=torch.float16) for i in levels
+                ]
+            for k, job in enumerate(batch):
+                t, v = divmod(start + k, n_views)
+                for f, i in zip(feats, levels, strict=True):
+                    f[t, v] = out[i][k].to("cpu", torch.float16)
+            bar.update(len(batch))
+    bar.close()
+
+    for tile_jobs in jobs:
+        tile_views = []
+        for si, x0, y0, _, d, _ in tile_jobs:
+            slide = slides[si]
+            ids = np.flatnonzero(spots_inside(np.array([[x0, y0]]), slide.centers, slide.radius, tile, margin)[0])
+            centers_out = (slide.centers[ids] - np.array([x0, y0])) / s
+            op = circle_weights(centers_out, np.full(len(ids), slide.radius / s), (tile // s, tile // s)).tocoo()
+            tile_views.append(
+                TileView(si, ids, op.row.astype(np.int64), op.col.astype(np.int64), (op.data * out_um**2), d)
+            )
+        views.append(tile_views)
+    return TrainingCache(features=feats, views=views, slides=slides, tile=tile, out_stride=s, levels=levels)
+
+
+def _random_shift(slide, x0, y0, tile, margin, stride, rng) -> tuple[int, int]:
+    """A shift (multiple of the output stride) that keeps the tile's spots fully inside its core."""
+    ids = spots_inside(np.array([[x0, y0]]), slide.centers, slide.radius, tile, margin)[0]
+    c = slide.centers[ids]
+    lo = (c.max(0) + slide.radius + margin - tile) - np.array([x0, y0])  # most negative allowed shift
+    hi = (c.min(0) - slide.radius - margin) - np.array([x0, y0])
+    lo, hi = np.ceil(lo / stride), np.floor(hi / stride)
+    dx = int(rng.integers(int(lo[0]), int(hi[0]) + 1)) if hi[0] >= lo[0] else 0
+    dy = int(rng.integers(int(lo[1]), int(hi[1]) + 1)) if hi[1] >= lo[1] else 0
+    return dx * stride, dy * stride

@@ -1,0 +1,164 @@
+"""Decoders that turn an encoder pyramid into a dense map, and the non-negative intensity head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of a (B, C, H, W) tensor."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class SkipRefine(nn.Module):
+    """Depthwise 3x3 conv, SiLU, 1x1 conv, LayerNorm, with a residual (the first half of a fusion block)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.pw = nn.Conv2d(channels, channels, 1)
+        self.norm = ChannelLayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.norm(self.pw(F.silu(self.dw(x))))
+
+
+class WindowAttention(nn.Module):
+    """Softmax attention among the pixels of non-overlapping ``window`` x ``window`` windows, with a residual.
+
+    Windows (rather than the whole tile) keep every output a function of a bounded neighbourhood, so a slide
+    predicted tile by tile (tiles aligned to the window grid) equals a single pass over the whole image.
+    """
+
+    def __init__(self, in_channels: int, channels: int, heads: int = 4, window: int = 8) -> None:
+        super().__init__()
+        heads = max(1, min(heads, channels))
+        while channels % heads:
+            heads -= 1
+        self.heads, self.window = heads, window
+        self.qkv = nn.Conv2d(in_channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        self.skip = nn.Conv2d(in_channels, channels, 1) if in_channels != channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        k = self.window
+        if h % k or w % k:
+            raise ValueError(f"feature map {h}x{w} is not a multiple of the attention window {k}")
+        qkv = self.qkv(x)
+        c = qkv.shape[1] // 3
+        d = c // self.heads
+        # (b, 3, heads, d, h/k, k, w/k, k) -> (3, b, h/k, w/k, heads, k*k, d)
+        t = qkv.reshape(b, 3, self.heads, d, h // k, k, w // k, k).permute(1, 0, 4, 6, 2, 5, 7, 3)
+        q, key, v = t.reshape(3, b, h // k, w // k, self.heads, k * k, d).unbind(0)
+        out = F.scaled_dot_product_attention(q, key, v)
+        out = out.reshape(b, h // k, w // k, self.heads, k, k, d).permute(0, 3, 6, 1, 4, 2, 5).reshape(b, c, h, w)
+        return self.skip(x) + self.proj(out)
+
+
+class FusionBlock(nn.Module):
+    """Refine the skip feature, concatenate with the upsampled decoder feature, attend (PixNet's SAFB)."""
+
+    def __init__(self, skip_channels: int, channels: int, heads: int = 4, window: int = 8) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(skip_channels, channels, 1)
+        self.refine = SkipRefine(channels)
+        self.attend = WindowAttention(2 * channels, channels, heads, window)
+        self.out = SkipRefine(channels)
+
+    def forward(self, skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        s = self.refine(self.inp(skip))
+        return self.out(self.attend(torch.cat([s, up], dim=1)))
+
+
+class ConvBlock(nn.Module):
+    """Plain U-Net fusion (the ablation): concatenate, two 3x3 convs with per-pixel LayerNorm and SiLU.
+
+    No normalisation pools over the tile, so tiled and whole-image predictions agree.
+    """
+
+    def __init__(self, skip_channels: int, channels: int, heads: int = 4, window: int = 8) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(skip_channels, channels, 1)
+        self.body = nn.Sequential(
+            nn.Conv2d(2 * channels, channels, 3, padding=1),
+            ChannelLayerNorm(channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            ChannelLayerNorm(channels),
+            nn.SiLU(),
+        )
+
+    def forward(self, skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.body(torch.cat([self.inp(skip), up], dim=1))
+
+
+BLOCKS = {"fusion": FusionBlock, "conv": ConvBlock}
+
+
+class Decoder(nn.Module):
+    """U-Net style decoder from the coarsest pyramid level down to ``out_stride``."""
+
+    def __init__(
+        self,
+        channels: list[int],
+        reductions: list[int],
+        *,
+        width: int = 64,
+        out_stride: int = 4,
+        block: str = "fusion",
+        heads: int = 4,
+        window: int = 8,
+    ) -> None:
+        super().__init__()
+        if block not in BLOCKS:
+            raise ValueError(f"decoder block {block!r} unknown; choose one of {sorted(BLOCKS)}")
+        if out_stride not in reductions:
+            raise ValueError(f"out_stride={out_stride} is not a pyramid level {reductions}")
+        self.levels = [i for i, r in enumerate(reductions) if r >= out_stride]
+        self.reductions = reductions
+        self.out_stride = out_stride
+        coarsest = self.levels[-1]
+        self.top = nn.Sequential(nn.Conv2d(channels[coarsest], width, 1), SkipRefine(width))
+        self.blocks = nn.ModuleList(
+            BLOCKS[block](channels[i], width, heads, window) for i in reversed(self.levels[:-1])
+        )
+        attention = block == "fusion"
+        # tiles must start on multiples of this (encoder pixels) for attention windows to align across tiles
+        self.alignment = max(
+            [max(reductions)] + ([reductions[i] * window for i in self.levels[:-1]] if attention else [])
+        )
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x = self.top(features[self.levels[-1]])
+        for block, i in zip(self.blocks, reversed(self.levels[:-1]), strict=True):
+            skip = features[i]
+            up = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(skip, up)
+        return x
+
+
+class IntensityHead(nn.Module):
+    """1x1 conv to one channel per output, softplus: a non-negative intensity (counts per um^2)."""
+
+    def __init__(self, width: int, n_outputs: int) -> None:
+        super().__init__()
+        self.hidden = nn.Conv2d(width, width, 1)
+        self.out = nn.Conv2d(width, n_outputs, 1)
+        self.register_buffer("log_scale", torch.zeros(n_outputs))
+
+    def set_scale(self, mean_intensity: torch.Tensor) -> None:
+        """Start every output near the training mean: softplus(0 + b) * scale = mean."""
+        self.log_scale.copy_(torch.log(mean_intensity.clamp_min(1e-12) / F.softplus(torch.tensor(0.0))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.out(F.silu(self.hidden(x)))
+        return F.softplus(z) * self.log_scale.exp()[None, :, None, None]

@@ -1,0 +1,105 @@
+"""``pg.pp.select_genes``: choose the genes to model, on the training slides only."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._keys import TABLE_KEY, UNS_KEY
+from .._validate import check_raw_counts, fail, require_element
+
+logger = logging.getLogger(__name__)
+
+SELECTED_VAR = "pixgene_selected"
+
+
+def select_genes(
+    sdata: Any,
+    *,
+    table_key: str = TABLE_KEY,
+    n_top: int = 50,
+    flavor: str = "hvg",
+    min_fraction: float = 0.1,
+    key_added: str = SELECTED_VAR,
+    inplace: bool = True,
+) -> list[str]:
+    """Select ``n_top`` genes from one slide or jointly from several (genes present in all of them).
+
+    Parameters
+    ----------
+    sdata
+        A SpatialData or a list of them (the training slides: never include a test slide).
+    table_key
+        Table of raw counts.
+    n_top
+        Number of genes.
+    flavor
+        ``"hvg"``: highly variable genes of log-normalised expression (scanpy's ``seurat`` flavour, slides as
+        batches); ``"mean"``: highest mean log-normalised expression.
+    min_fraction
+        Only genes detected in at least this fraction of spots (pooled) are eligible.
+    key_added
+        Boolean ``var`` column marking the selection in each table.
+    inplace
+        Write ``var[key_added]`` and ``uns["pixgene"]["select_genes"]`` (the parameters and the genes).
+
+    Returns
+    -------
+    The selected gene names, in descending order of the score.
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    if flavor not in ("hvg", "mean"):
+        fail("flavor", f"{flavor!r} is not supported", "Use 'hvg' or 'mean'")
+    sdatas = list(sdata) if isinstance(sdata, list | tuple) else [sdata]
+    tables = [require_element(s, table_key, "tables") for s in sdatas]
+    for t in tables:
+        check_raw_counts(t.X, f"table {table_key!r}")
+    common = tables[0].var_names
+    for t in tables[1:]:
+        common = common.intersection(t.var_names)
+    if len(common) == 0:
+        fail(f"tables {table_key!r}", "the slides share no gene names", "Use slides of one species and id type")
+    if not 0 < n_top <= len(common):
+        fail("n_top", f"{n_top} is not between 1 and the {len(common)} shared genes", "Choose a smaller n_top")
+    pooled = ad.concat(
+        [ad.AnnData(X=sp.csr_matrix(t[:, common].X, dtype=np.float32), var=pd.DataFrame(index=common)) for t in tables],
+        label="slide",
+    )
+    totals = np.asarray(sp.csr_matrix(pooled.X).sum(1)).ravel()
+    detected = np.asarray((sp.csr_matrix(pooled.X) > 0).mean(0)).ravel()
+    # normalise by each spot's total over ALL its genes, as for real analyses
+    all_totals = np.concatenate([np.asarray(t.X.sum(1)).ravel() for t in tables])
+    pooled.X = sp.csr_matrix(pooled.X).multiply(1e4 / np.maximum(all_totals, 1)[:, None]).tocsr()
+    sc.pp.log1p(pooled)
+    eligible = detected >= min_fraction
+    if eligible.sum() < n_top:
+        fail("min_fraction", f"only {int(eligible.sum())} genes are detected in {min_fraction:.0%} of spots",
+             "Lower min_fraction or n_top")
+    if flavor == "hvg":
+        sub = pooled[:, eligible].copy()
+        batch = "slide" if len(tables) > 1 else None
+        sc.pp.highly_variable_genes(sub, flavor="seurat", n_top_genes=n_top, batch_key=batch)
+        score_col = "dispersions_norm"
+        ranked = sub.var.sort_values(["highly_variable", score_col], ascending=False)
+        genes = ranked.index[:n_top].tolist()
+    else:
+        mean = np.asarray(pooled.X.mean(0)).ravel()
+        mean[~eligible] = -np.inf
+        genes = common[np.argsort(-mean, kind="stable")[:n_top]].tolist()
+    if inplace:
+        for t in tables:
+            t.var[key_added] = t.var_names.isin(genes)
+            info = dict(t.uns.get(UNS_KEY, {}))
+            info["select_genes"] = {
+                "params": {"n_top": n_top, "flavor": flavor, "min_fraction": min_fraction, "n_slides": len(tables)},
+                "genes": genes,
+            }
+            t.uns[UNS_KEY] = info
+    logger.info("selected %d genes (%s) from %d slide(s), %d spots", len(genes), flavor, len(tables), len(totals))
+    return genes

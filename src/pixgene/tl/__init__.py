@@ -1,0 +1,11 @@
+"""Tools: fit PixNet, predict dense maps, read them out over shapes, and score them."""
+
+from ._aggregate import aggregate
+from ._baselines import colour_control
+from ._evaluate import Scores, evaluate
+from ._fit import fit
+from ._grid import make_grid
+from ._model import PixNet
+from ._predict import predict_dense
+
+__all__ = ["PixNet", "Scores", "aggregate", "colour_control", "evaluate", "fit", "make_grid", "predict_dense"]

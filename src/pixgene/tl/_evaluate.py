@@ -1,0 +1,160 @@
+"""``pg.tl.evaluate``: per-gene Pearson and PCC@F/S/M, MSE, MAE against measurements or a ground-truth map."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._keys import TOTAL_OBS, UNS_KEY
+from .._validate import fail, require_element
+from .._normalize import log_normalize_np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Scores:
+    """Per-gene scores and the summary (``PCC@F``, ``PCC@S``, ``PCC@M``, ``MSE``, ``MAE``, counts)."""
+
+    per_gene: pd.DataFrame
+    summary: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (
+            f"Scores({s.get('n_genes')} genes x {s.get('n_shapes')} shapes: PCC@F {s['PCC@F']:.3f}, "
+            f"PCC@S {s['PCC@S']:.3f}, PCC@M {s['PCC@M']:.3f}, MSE {s['MSE']:.4f}, MAE {s['MAE']:.4f})"
+        )
+
+
+def pearson_per_column(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r of each column of ``a`` with the same column of ``b``; NaN where either is constant."""
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    denom = np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (a * b).sum(0) / denom
+    r[denom <= 1e-12] = np.nan
+    return r
+
+
+def score_matrices(pred: np.ndarray, true: np.ndarray, genes: list[str]) -> Scores:
+    """Scores of already-transformed matrices (shapes x genes)."""
+    r = pearson_per_column(pred, true)
+    per_gene = pd.DataFrame(
+        {"pearson": r, "mse": ((pred - true) ** 2).mean(0), "mae": np.abs(pred - true).mean(0),
+         "mean_true": true.mean(0), "mean_pred": pred.mean(0)},
+        index=pd.Index(genes, name="gene"),
+    )
+    valid = r[np.isfinite(r)]
+    summary = {
+        "PCC@F": float(np.quantile(valid, 0.25)) if valid.size else float("nan"),
+        "PCC@S": float(np.median(valid)) if valid.size else float("nan"),
+        "PCC@M": float(valid.mean()) if valid.size else float("nan"),
+        "MSE": float(((pred - true) ** 2).mean()),
+        "MAE": float(np.abs(pred - true).mean()),
+        "n_genes": int(len(genes)),
+        "n_genes_scored": int(valid.size),
+        "n_shapes": int(pred.shape[0]),
+    }
+    return Scores(per_gene, summary)
+
+
+def _dense(x) -> np.ndarray:
+    return x.toarray() if sp.issparse(x) else np.asarray(x)
+
+
+def evaluate(
+    sdata: Any,
+    *,
+    predicted: str,
+    measured: str | None = None,
+    truth: str | None = None,
+    genes: list[str] | None = None,
+    normalize: bool = True,
+    inplace: bool = True,
+) -> Scores:
+    """Score a read-out table against measured counts on the same shapes or against a ground-truth map.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData.
+    predicted
+        A read-out table from :func:`pixgene.tl.aggregate` (X = expected counts).
+    measured
+        A table of raw counts annotating the same shapes (matched by instance id).
+    truth
+        Instead of ``measured``: a ground-truth intensity map (e.g. ``"truth"`` of the synthetic data); it is
+        integrated exactly over the same shapes as ``predicted``.
+    genes
+        Genes to score; default: all genes of ``predicted`` present in the reference.
+    normalize
+        Compare ``log1p(1e4 * x / total)`` per shape (measured total = all genes of the table; predicted and
+        truth totals = their ``pixgene_total_counts``). ``False`` compares the raw expected counts.
+    inplace
+        Store the summary under ``sdata.tables[predicted].uns["pixgene"]["evaluation"]``.
+
+    Returns
+    -------
+    :class:`Scores` with ``per_gene`` (pearson, mse, mae, means) and ``summary`` (PCC@F/S/M: first quartile,
+    median and mean of the per-gene Pearson across shapes; MSE and MAE over shapes and genes).
+    """
+    if (measured is None) == (truth is None):
+        fail("evaluate", "exactly one reference is needed", "Pass measured=<table key> or truth=<dense map key>")
+    pred_table = require_element(sdata, predicted, "tables")
+    attrs = pred_table.uns.get("spatialdata_attrs", {})
+    instance_key = attrs.get("instance_key")
+    if measured is not None:
+        ref = require_element(sdata, measured, "tables")
+        ref_attrs = ref.uns.get("spatialdata_attrs", {})
+        if ref_attrs.get("region") != attrs.get("region"):
+            fail(f"table {measured!r}", f"annotates {ref_attrs.get('region')!r}, not {attrs.get('region')!r}",
+                 "Aggregate the dense map over the measured spots first (pg.tl.aggregate(shapes=...))")
+        ref_ids = ref.obs[ref_attrs.get("instance_key")].astype(str)
+        pos = pd.Series(np.arange(len(ref)), index=ref_ids.to_numpy())
+        pos = pos[~pos.index.duplicated()]
+        idx = pos.reindex(pred_table.obs[instance_key].astype(str).to_numpy()).to_numpy()
+        keep = ~np.isnan(idx)
+        if not keep.any():
+            fail(f"table {measured!r}", "shares no instance ids with the predicted table", "Score the same shapes")
+        ref_rows = ref[idx[keep].astype(int)]
+        ref_total = np.asarray(ref_rows.X.sum(1)).ravel()
+        pred_rows = pred_table[keep]
+        label = f"measured:{measured}"
+    else:
+        from ._aggregate import aggregate
+
+        region = attrs.get("region")
+        ref_rows = aggregate(sdata, shapes=region, dense_key=truth, inplace=False, progress=False)
+        ref_total = ref_rows.obs[TOTAL_OBS].to_numpy() if TOTAL_OBS in ref_rows.obs else None
+        pred_rows = pred_table
+        label = f"truth:{truth}"
+    if genes is None:
+        genes = [g for g in pred_rows.var_names if g in set(ref_rows.var_names)]
+    missing = [g for g in genes if g not in set(ref_rows.var_names) or g not in set(pred_rows.var_names)]
+    if missing or not genes:
+        fail("genes", f"not in both tables: {missing[:10]}", "Score genes that were predicted and measured")
+    p = _dense(pred_rows[:, genes].X).astype(np.float64)
+    t = _dense(ref_rows[:, genes].X).astype(np.float64)
+    if normalize:
+        p_total = pred_rows.obs[TOTAL_OBS].to_numpy(float) if TOTAL_OBS in pred_rows.obs else p.sum(1)
+        if ref_total is None:
+            ref_total = t.sum(1)
+        p, t = log_normalize_np(p, p_total), log_normalize_np(t, np.asarray(ref_total, float))
+    scores = score_matrices(p, t, list(genes))
+    scores.summary["reference"] = label
+    scores.summary["normalize"] = normalize
+    if inplace:
+        info = dict(pred_table.uns.get(UNS_KEY, {}))
+        evals = dict(info.get("evaluation", {}))
+        evals[label] = scores.summary
+        info["evaluation"] = evals
+        pred_table.uns[UNS_KEY] = info
+    logger.info("%s vs %s: %r", predicted, label, scores)
+    return scores

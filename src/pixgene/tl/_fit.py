@@ -1,0 +1,209 @@
+"""``pg.tl.fit``: train PixNet on the measured spots of one or many slides."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .._keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, UNS_KEY
+from .._validate import fail
+from ._inputs import SpotSlide, prepare_spot_slide
+
+logger = logging.getLogger(__name__)
+
+SELECTED_VAR = "pixgene_selected"
+
+
+def _as_list(x: Any) -> list:
+    return list(x) if isinstance(x, list | tuple) else [x]
+
+
+def _resolve_genes(genes: Sequence[str] | None, slides: list[SpotSlide]) -> list[str]:
+    if genes is None:
+        var = slides[0].table.var
+        if SELECTED_VAR not in var:
+            fail(
+                f"table {slides[0].table_key!r}",
+                "no genes were given and none were selected",
+                "Pass genes=[...] or run pg.pp.select_genes(sdata) first",
+            )
+        genes = var.index[var[SELECTED_VAR].astype(bool)].tolist()
+    from .._validate import check_genes
+
+    for s in slides:
+        check_genes(genes, s.table.var_names, f"table {s.table_key!r}")
+    return list(genes)
+
+
+def fit(
+    sdata: Any,
+    *,
+    image_key: str = IMAGE_KEY,
+    shapes_key: str = SPOTS_KEY,
+    table_key: str = TABLE_KEY,
+    genes: Sequence[str] | None = None,
+    um_per_px: float | Sequence[float | None] | None = None,
+    encoder: str = "efficientnet_lite0",
+    encoder_weights: str | None = "default",
+    decoder: str = "fusion",
+    width: int = 64,
+    out_stride: int = 4,
+    tile_px: int | None = None,
+    n_views: int = 4,
+    stain_jitter: float = 0.05,
+    likelihood: str = "nb",
+    loss_weights: dict | None = None,
+    val_fraction: float = 0.1,
+    max_epochs: int = 60,
+    patience: int = 10,
+    batch_size: int = 8,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-4,
+    random_state: int = 0,
+    progress: bool = True,
+):
+    """Fit PixNet on the measured spots of one slide or a list of slides.
+
+    Parameters
+    ----------
+    sdata
+        A SpatialData or a list of them (slides may come from different platforms; each gets its own
+        capture-efficiency factor).
+    image_key, shapes_key, table_key
+        The H&E image, the circles of measured spots and their raw-count table (same keys on every slide).
+    genes
+        Genes to model; default: those marked by :func:`pixgene.pp.select_genes`.
+    um_per_px
+        Microns per image pixel (one value or one per slide); default: recorded by the reader or derived.
+    encoder, encoder_weights
+        Frozen encoder from :func:`pixgene.nn.build_encoder` (default: bundled ImageNet EfficientNet-Lite0).
+    decoder
+        ``"fusion"`` (PixNet's fusion blocks) or ``"conv"`` (plain U-Net blocks).
+    width, out_stride
+        Decoder width and output stride in encoder pixels (the model's output pixel is
+        ``out_stride * encoder.um_per_px`` microns).
+    tile_px, n_views, stain_jitter
+        Training tile size in encoder pixels (default: fits the spots with context), number of cached views
+        per tile (view 0 plain; others a random dihedral transform, shift and stain jitter of this strength).
+    likelihood, loss_weights
+        ``"nb"`` or ``"poisson"`` count likelihood; weights of the terms ``count``, ``mse`` and ``pearson``
+        (defaults 1, 1, 0.5; set one to 0 to switch it off).
+    val_fraction, max_epochs, patience, batch_size, lr, weight_decay
+        Held-out validation spots for early stopping and the optimiser's settings.
+    random_state
+        Seed for spot split, views and weights: the same seed gives the same model.
+
+    Returns
+    -------
+    The fitted :class:`pixgene.tl.PixNet`; it is also remembered for each input SpatialData so that
+    :func:`pixgene.tl.predict_dense` can follow without ``model=``, and ``sdata.attrs["pixgene"]["model"]``
+    records its id and genes.
+    """
+    from ..data._reader import SlideReader
+    from ..data._training import SlideSpots, build_cache
+    from ._model import PixNet, build_module, remember_model
+    from ._train import LossWeights, train
+
+    sdatas = _as_list(sdata)
+    if not sdatas:
+        fail("sdata", "no slides were given", "Pass a SpatialData or a non-empty list of them")
+    ums = _as_list(um_per_px) if isinstance(um_per_px, list | tuple) else [um_per_px] * len(sdatas)
+    if len(ums) != len(sdatas):
+        fail("um_per_px", f"{len(ums)} values for {len(sdatas)} slides", "Give one value per slide or a single one")
+    if likelihood not in ("nb", "poisson"):
+        fail("likelihood", f"{likelihood!r} is not supported", "Use 'nb' or 'poisson'")
+    if not 0 < val_fraction < 1:
+        fail("val_fraction", f"{val_fraction} is not between 0 and 1", "Pass e.g. 0.1")
+    weights = {"count": 1.0, "mse": 1.0, "pearson": 0.5, **(loss_weights or {})}
+    unknown = set(weights) - {"count", "mse", "pearson"}
+    if unknown:
+        fail("loss_weights", f"unknown terms {sorted(unknown)}", "Use the keys 'count', 'mse' and 'pearson'")
+    slides = [
+        prepare_spot_slide(s, image_key=image_key, shapes_key=shapes_key, table_key=table_key, um_per_px=u)
+        for s, u in zip(sdatas, ums, strict=True)
+    ]
+    genes = _resolve_genes(genes, slides)
+
+    import torch
+
+    torch.manual_seed(random_state)
+    rng = np.random.default_rng(random_state)
+    decoder_config = {"width": width, "out_stride": out_stride, "block": decoder}
+    from ..nn._encoders import build_encoder
+
+    enc = build_encoder(encoder, weights=encoder_weights)
+    module = build_module(
+        enc.config(), encoder_weights, n_outputs=len(genes) + 1, decoder_config=decoder_config, encoder=enc
+    )
+    enc_um = float(module.encoder.um_per_px)
+
+    train_slides = []
+    mean_intensity = []
+    radii = []
+    for i, s in enumerate(slides):
+        reader = SlideReader(s.sdata.images[image_key], image_um=s.um_per_px, target_um=enc_um, name=image_key)
+        X = s.table[:, genes].X
+        library = np.asarray(s.table.X.sum(1)).ravel()
+        counts = np.column_stack([X.toarray() if sp.issparse(X) else np.asarray(X), library]).astype(np.float32)
+        radius = float(np.median(s.radius)) / reader.factor
+        n = len(counts)
+        n_val = max(1, int(round(val_fraction * n))) if n >= 10 else 0
+        train_mask = np.ones(n, dtype=bool)
+        train_mask[rng.choice(n, size=n_val, replace=False)] = False
+        train_slides.append(
+            SlideSpots(f"slide{i}", reader, s.centers / reader.factor, radius, counts, train_mask, slide_index=i)
+        )
+        area_um2 = np.pi * (radius * enc_um) ** 2
+        mean_intensity.append(counts.mean(0) / area_um2)
+        radii.append(radius)
+    module.head.set_scale(torch.from_numpy(np.mean(mean_intensity, axis=0)).float())
+
+    margin = 16
+    need = 2 * max(radii) + 2 * margin + 64
+    align = module.alignment
+    tile = int(tile_px or max(256, int(np.ceil(need / align)) * align))
+    if tile % align:
+        fail("tile_px", f"{tile} is not a multiple of the encoder's stride {align}", f"Pass a multiple of {align}")
+
+    if torch.cuda.is_available():
+        module.to("cuda")
+    cache = build_cache(
+        train_slides, module, tile=tile, margin=margin, n_views=n_views, stain_strength=stain_jitter, rng=rng,
+        progress=progress,
+    )
+    history, summary = train(
+        module, cache, n_slides=len(slides), loss=LossWeights(weights["count"], weights["mse"], weights["pearson"],
+                                                              likelihood),
+        max_epochs=max_epochs, patience=patience, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        seed=random_state, progress=progress,
+    )
+    module.to("cpu").eval()
+    training = {
+        "params": {
+            "image_key": image_key, "shapes_key": shapes_key, "table_key": table_key, "tile_px": tile,
+            "n_views": n_views, "stain_jitter": stain_jitter, "likelihood": likelihood, "loss_weights": weights,
+            "val_fraction": val_fraction, "max_epochs": max_epochs, "patience": patience,
+            "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "random_state": random_state,
+        },
+        "slides": [
+            {"um_per_px": s.um_per_px, "n_spots": int(len(s.centers)), "spot_diameter_um": s.spot_diameter_um}
+            for s in slides
+        ],
+        "n_tiles": cache.n_tiles,
+        **summary,
+    }
+    model = PixNet(
+        module, genes=genes, encoder_config=module.encoder.config(), encoder_weights=encoder_weights,
+        decoder_config=decoder_config, history=history, training=training,
+    )
+    for s in sdatas:
+        remember_model(s, model)
+        record = dict(s.attrs.get(UNS_KEY, {}))
+        record["model"] = {"model_id": model.model_id, "genes": genes, "encoder": enc.config().get("name")}
+        s.attrs[UNS_KEY] = record
+    logger.info("fitted %r (best epoch %s)", model, summary["best_epoch"])
+    return model

@@ -1,0 +1,235 @@
+"""The user-facing PixNet model: genes and encoder recorded, saved as config.json + safetensors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from .._keys import TOTAL_CHANNEL
+from .._validate import fail
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+# fit() remembers its model per SpatialData so predict_dense can follow without passing it again
+_LAST_MODEL: dict[int, tuple[weakref.ref, PixNet]] = {}
+
+
+def remember_model(sdata: Any, model: PixNet) -> None:
+    _LAST_MODEL[id(sdata)] = (weakref.ref(sdata), model)
+
+
+def last_model(sdata: Any) -> PixNet | None:
+    entry = _LAST_MODEL.get(id(sdata))
+    if entry is None or entry[0]() is not sdata:
+        return None
+    return entry[1]
+
+
+class PixNet:
+    """A fitted pixgene model: image -> intensity (expected counts per um^2) for each gene.
+
+    Build with :func:`pixgene.tl.fit`; save with :meth:`save`; restore with :meth:`PixNet.load`.
+    """
+
+    def __init__(
+        self,
+        module: Any,
+        *,
+        genes: list[str],
+        encoder_config: dict,
+        encoder_weights: str | None,
+        decoder_config: dict,
+        history: list[dict] | None = None,
+        training: dict | None = None,
+    ) -> None:
+        self.module = module.eval()
+        self.genes = list(genes)
+        self.encoder_config = dict(encoder_config)
+        self.encoder_weights = encoder_weights
+        self.decoder_config = dict(decoder_config)
+        self.history = list(history or [])
+        self.training = dict(training or {})
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def outputs(self) -> list[str]:
+        return [*self.genes, TOTAL_CHANNEL]
+
+    @property
+    def encoder_um_per_px(self) -> float:
+        return float(self.module.encoder.um_per_px)
+
+    @property
+    def out_stride(self) -> int:
+        return int(self.module.out_stride)
+
+    @property
+    def out_um_per_px(self) -> float:
+        return self.encoder_um_per_px * self.out_stride
+
+    @property
+    def alignment(self) -> int:
+        """Tile origins and sizes (encoder pixels) must be multiples of this for identical results."""
+        return self.module.alignment
+
+    def _trained_state(self) -> dict:
+        return {k: v for k, v in self.module.state_dict().items() if not k.startswith("encoder.")}
+
+    @property
+    def model_id(self) -> str:
+        h = hashlib.sha256()
+        for k, v in sorted(self._trained_state().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return (
+            f"PixNet({len(self.genes)} genes, encoder={self.encoder_config.get('name')!r}, "
+            f"decoder={self.decoder_config.get('block')!r}, {self.out_um_per_px:g} um/px output, id={self.model_id})"
+        )
+
+    # ---------------------------------------------------------------- inference
+    def predict_intensity(self, tiles: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) or (3, H, W) float RGB in [0, 1] at the encoder's um/px -> intensity per um^2.
+
+        Returns (B, n_outputs, H / s, W / s) (or without B) float32, outputs = genes + total.
+        """
+        import torch
+
+        single = tiles.ndim == 3
+        x = torch.from_numpy(np.ascontiguousarray(tiles[None] if single else tiles, dtype=np.float32))
+        device = next(self.module.head.parameters()).device
+        with torch.inference_mode():
+            out = self.module(x.to(device)).float().cpu().numpy()
+        return out[0] if single else out
+
+    def to(self, device: str) -> PixNet:
+        self.module.to(device)
+        return self
+
+    # ---------------------------------------------------------------- persistence
+    def config(self) -> dict:
+        return {
+            "class": "PixNet",
+            "format_version": FORMAT_VERSION,
+            "pixgene_version": __version__,
+            "genes": self.genes,
+            "outputs": self.outputs,
+            "encoder": self.encoder_config,
+            "encoder_weights": self.encoder_weights,
+            "decoder": self.decoder_config,
+            "model_id": self.model_id,
+            "training": self.training,
+            "history": self.history,
+        }
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (decoder and head; the frozen encoder is rebuilt)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            fail(
+                f"model directory {str(path)!r}",
+                "exists and is not empty",
+                "Pass overwrite=True to replace it, or choose another directory",
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self._trained_state().items()}
+        save_file(state, str(path / WEIGHTS_FILE), metadata={"model_id": self.model_id})
+        (path / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2, default=_json_default))
+        logger.info("saved %r to %s", self, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, encoder_weights: str | None = None, device: str = "cpu") -> PixNet:
+        """Validate the directory (class, version, genes, files), rebuild, load weights, and call ``eval()``.
+
+        Never touches the network for pixgene's bundled encoder and never unpickles (safetensors only).
+        """
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+        for f in (config_file, weights_file):
+            if not f.is_file():
+                fail(f"model directory {str(path)!r}", f"{f.name} is missing", "Point to a directory written by save()")
+        config = json.loads(config_file.read_text())
+        if config.get("class") != "PixNet":
+            fail(f"model {str(path)!r}", f"holds a {config.get('class')!r}, not a PixNet", "Load it with its own class")
+        if int(config.get("format_version", -1)) > FORMAT_VERSION:
+            fail(f"model {str(path)!r}", "was written by a newer pixgene", "Upgrade pixgene to load it")
+        genes = config.get("genes") or []
+        if not genes or config.get("outputs") != [*genes, TOTAL_CHANNEL]:
+            fail(f"model {str(path)!r}", "config.json has no consistent gene list", "Re-save the model")
+        module = build_module(
+            config["encoder"],
+            encoder_weights if encoder_weights is not None else config.get("encoder_weights"),
+            n_outputs=len(genes) + 1,
+            decoder_config=config["decoder"],
+        )
+        state = load_file(str(weights_file))
+        expected = {k for k in module.state_dict() if not k.startswith("encoder.")}
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            fail(
+                f"model {str(path)!r}",
+                f"weights do not match the architecture in config.json (missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]})",
+                "Re-save the model with this pixgene version",
+            )
+        module.load_state_dict(state, strict=False)
+        model = cls(
+            module.to(device),
+            genes=genes,
+            encoder_config=config["encoder"],
+            encoder_weights=config.get("encoder_weights"),
+            decoder_config=config["decoder"],
+            history=config.get("history"),
+            training=config.get("training"),
+        )
+        if model.model_id != config.get("model_id"):
+            fail(f"model {str(path)!r}", "weights do not match the recorded model_id", "The files were altered; re-save")
+        return model
+
+
+def build_module(
+    encoder_config: dict,
+    encoder_weights: str | None,
+    *,
+    n_outputs: int,
+    decoder_config: dict,
+    encoder: Any = None,
+):
+    """PixNetModule with a frozen encoder (built from its config unless given) and a fresh decoder."""
+    from ..nn._encoders import build_encoder
+    from ..nn._pixnet import PixNetModule
+
+    if encoder is None:
+        encoder = build_encoder(**encoder_config, weights=encoder_weights)
+    encoder.eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return PixNetModule(encoder, n_outputs, **decoder_config)
+
+
+def _json_default(obj: Any):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot store {type(obj).__name__} in config.json")

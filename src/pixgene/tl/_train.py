@@ -1,0 +1,247 @@
+"""Training plan (Lightning) for PixNet on cached frozen-encoder features of measured spots."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._torch_compat import ensure_torchvision
+
+ensure_torchvision()
+import lightning as L  # noqa: E402
+
+from ..data._augment import dihedral_inverse  # noqa: E402
+from ..data._training import TrainingCache  # noqa: E402
+from ..nn._losses import log_normalize, negative_binomial_nll, pearson_loss, poisson_nll  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LossWeights:
+    count: float = 1.0
+    mse: float = 1.0
+    pearson: float = 0.5
+    likelihood: str = "nb"  # "nb" or "poisson"
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Item = one tile; training draws one of its cached views at random, validation uses the plain view."""
+
+    def __init__(self, cache: TrainingCache, tiles: np.ndarray, *, train: bool, seed: int) -> None:
+        self.cache, self.tiles, self.train = cache, tiles, train
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, i: int):
+        t = int(self.tiles[i])
+        n_views = len(self.cache.views[t])
+        v = int(self.rng.integers(0, n_views)) if self.train else 0
+        return t, v
+
+
+def make_collate(cache: TrainingCache):
+    slides = cache.slides
+
+    def collate(items):
+        feats = [torch.stack([f[t, v] for t, v in items]).float() for f in cache.features]
+        spot_offset = 0
+        nnz_b, nnz_row, nnz_col, nnz_w = [], [], [], []
+        counts, slide_idx, train_mask, dihedrals = [], [], [], []
+        for b, (t, v) in enumerate(items):
+            view = cache.views[t][v]
+            slide = slides[view.slide]
+            nnz_b.append(np.full(len(view.rows), b))
+            nnz_row.append(view.rows + spot_offset)
+            nnz_col.append(view.cols)
+            nnz_w.append(view.weights)
+            counts.append(slide.counts[view.spot_ids])
+            slide_idx.append(np.full(len(view.spot_ids), slide.slide_index))
+            train_mask.append(slide.train_mask[view.spot_ids])
+            dihedrals.append(view.dihedral)
+            spot_offset += len(view.spot_ids)
+        cat = np.concatenate
+        return {
+            "features": feats,
+            "dihedral": dihedrals,
+            "nnz_b": torch.from_numpy(cat(nnz_b)),
+            "nnz_row": torch.from_numpy(cat(nnz_row)),
+            "nnz_col": torch.from_numpy(cat(nnz_col)),
+            "nnz_w": torch.from_numpy(cat(nnz_w)).float(),
+            "counts": torch.from_numpy(cat(counts)).float(),
+            "slide": torch.from_numpy(cat(slide_idx)),
+            "train_mask": torch.from_numpy(cat(train_mask)),
+            "n_spots": spot_offset,
+        }
+
+    return collate
+
+
+def integrate_spots(lam: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Expected counts per spot: the intensity summed over the exact disk areas (um^2) of each output pixel."""
+    b, c = lam.shape[:2]
+    flat = lam.reshape(b, c, -1)
+    contrib = flat[batch["nnz_b"], :, batch["nnz_col"]] * batch["nnz_w"][:, None]
+    out = lam.new_zeros((batch["n_spots"], c))
+    return out.index_add_(0, batch["nnz_row"], contrib)
+
+
+class PixNetTrainingPlan(L.LightningModule):
+    def __init__(self, module, cache: TrainingCache, *, n_slides: int, loss: LossWeights, lr: float,
+                 weight_decay: float) -> None:
+        super().__init__()
+        self.module = module
+        self.cache_levels = cache.levels
+        self.loss_weights = loss
+        self.lr, self.weight_decay = lr, weight_decay
+        n_out = module.head.out.out_channels
+        self.log_efficiency = nn.Parameter(torch.zeros(n_slides))
+        self.log_theta = nn.Parameter(torch.full((n_out,), float(np.log(10.0))))
+        self.history: list[dict] = []
+        self._epoch_terms: dict[str, list[float]] = {}
+
+    def configure_optimizers(self):
+        params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("module.encoder.")]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        return opt
+
+    def _features(self, batch):
+        feats: list = [None] * (max(self.cache_levels) + 1)
+        for f, i in zip(batch["features"], self.cache_levels, strict=True):
+            feats[i] = f
+        return feats
+
+    def _loss(self, batch, *, train: bool):
+        lam = self.module.decode(self._features(batch))
+        lam = torch.stack([dihedral_inverse(lam[i], d) for i, d in enumerate(batch["dihedral"])])
+        pred = integrate_spots(lam, batch)
+        mask = batch["train_mask"] if train else ~batch["train_mask"]
+        if not bool(mask.any()):
+            return None, {}
+        pred, counts, slide = pred[mask], batch["counts"][mask], batch["slide"][mask]
+        log_eff = self.log_efficiency - self.log_efficiency.mean()
+        mu = pred * log_eff.exp()[slide][:, None]
+        w = self.loss_weights
+        if w.likelihood == "nb":
+            nll = negative_binomial_nll(mu, counts, self.log_theta)
+        else:
+            nll = poisson_nll(mu, counts)
+        # every output weighs the same whatever its depth: scale the NLL by each output's mean count
+        scale = counts.mean(0).clamp_min(1.0)
+        terms = {"count": (nll / scale).mean()}
+        pred_norm = log_normalize(pred[:, :-1], pred[:, -1])
+        true_norm = log_normalize(counts[:, :-1], counts[:, -1])
+        terms["mse"] = ((pred_norm - true_norm) ** 2).mean()
+        terms["pearson"] = pearson_loss(pred_norm, true_norm)
+        total = w.count * terms["count"] + w.mse * terms["mse"] + w.pearson * terms["pearson"]
+        return total, terms
+
+    def training_step(self, batch, batch_idx):
+        loss, terms = self._loss(batch, train=True)
+        if loss is None:
+            return None
+        bs = int(batch["train_mask"].sum())
+        self.log("train_loss", loss, on_epoch=True, on_step=False, prog_bar=True, batch_size=bs)
+        for k, v in terms.items():
+            self.log(f"train_{k}", v, on_epoch=True, on_step=False, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, terms = self._loss(batch, train=False)
+        if loss is None:
+            return None
+        bs = int((~batch["train_mask"]).sum())
+        self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=bs)
+        for k, v in terms.items():
+            self.log(f"val_{k}", v, on_epoch=True, batch_size=bs)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+        self.history.append({"epoch": int(self.current_epoch), **metrics})
+
+
+class KeepBest(L.Callback):
+    """Keep the decoder weights of the epoch with the lowest validation loss, in memory."""
+
+    def __init__(self) -> None:
+        self.best = float("inf")
+        self.best_epoch = -1
+        self.state = None
+
+    def on_validation_epoch_end(self, trainer, plan) -> None:
+        if trainer.sanity_checking or "val_loss" not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics["val_loss"])
+        if value < self.best:
+            self.best, self.best_epoch = value, int(plan.current_epoch)
+            self.state = copy.deepcopy({k: v for k, v in plan.state_dict().items() if ".encoder." not in k})
+
+
+def train(
+    module,
+    cache: TrainingCache,
+    *,
+    n_slides: int,
+    loss: LossWeights,
+    max_epochs: int,
+    patience: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    progress: bool,
+) -> tuple[list[dict], dict]:
+    """Fit decoder and head; returns the per-epoch history and a summary (best epoch, efficiencies)."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    plan = PixNetTrainingPlan(module, cache, n_slides=n_slides, loss=loss, lr=lr, weight_decay=weight_decay)
+    tiles = np.arange(cache.n_tiles)
+    has_val = np.array(
+        [any((~cache.slides[v.slide].train_mask[v.spot_ids]).any() for v in views[:1]) for views in cache.views]
+    )
+    collate = make_collate(cache)
+    train_loader = torch.utils.data.DataLoader(
+        TileDataset(cache, tiles, train=True, seed=seed), batch_size=batch_size, shuffle=True,
+        collate_fn=collate, generator=torch.Generator().manual_seed(seed),
+    )
+    val_loader = torch.utils.data.DataLoader(
+        TileDataset(cache, tiles[has_val], train=False, seed=seed), batch_size=batch_size, collate_fn=collate
+    )
+    keep = KeepBest()
+    callbacks = [keep, EarlyStopping("val_loss", patience=patience, mode="min")]
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        deterministic=True,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(plan, train_loader, val_loader)
+    if keep.state is not None:
+        plan.load_state_dict({**plan.state_dict(), **keep.state})
+    plan.to("cpu")
+    eff = (plan.log_efficiency - plan.log_efficiency.mean()).exp().detach().cpu().numpy()
+    summary = {
+        "best_epoch": keep.best_epoch,
+        "best_val_loss": keep.best,
+        "epochs_run": int(trainer.current_epoch),
+        "capture_efficiency": eff.tolist(),
+        "theta": plan.log_theta.exp().detach().cpu().numpy().tolist(),
+    }
+    return plan.history, summary
