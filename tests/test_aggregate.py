@@ -1,4 +1,4 @@
-"""Streaming exact integrals of dense maps and pg.tl.aggregate, against brute-force polygon-clipping references."""
+"""Streaming exact integrals of dense maps and pg.tl.aggregate, against brute-force clipping references."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def random_shapes(rng, n_polygons: int, n_circles: int, extent: tuple[float, flo
         step = 2 * np.pi / m
         angles = np.arange(m) * step + rng.uniform(0, 0.9 * step, m)
         radii = rng.uniform(1.0, 9.0, m)
-        polygons.append(Polygon(np.c_[center[0] + radii * np.cos(angles), center[1] + radii * np.sin(angles)]))
+        ring = np.c_[center[0] + radii * np.cos(angles), center[1] + radii * np.sin(angles)]
+        polygons.append(Polygon(ring))
     centers = rng.uniform(-2, 1, (n_circles, 2)) + rng.uniform(0, 1, (n_circles, 2)) * np.asarray(extent)
     radii = rng.uniform(0.7, 8.0, n_circles)
     return polygons, centers, radii
@@ -76,7 +77,8 @@ def test_constant_map_gives_value_times_area():
     exact_area = np.array([geoms[0].area, np.pi * 6.3**2, geoms[2].area, 300.0]) * MAP_UM**2
     np.testing.assert_allclose(result.area_um2, exact_area, rtol=1e-12)
     np.testing.assert_allclose(result.covered_um2, [*exact_area[:3], 10 * 5 * MAP_UM**2], rtol=1e-12)
-    np.testing.assert_allclose(result.values, np.repeat(result.covered_um2[:, None] * value, C, axis=1), rtol=1e-6)
+    expected = np.repeat(result.covered_um2[:, None] * value, C, axis=1)
+    np.testing.assert_allclose(result.values, expected, rtol=1e-6)
 
 
 def test_dask_blocks_equal_numpy_and_reference_with_overlaps():
@@ -94,7 +96,8 @@ def test_dask_blocks_equal_numpy_and_reference_with_overlaps():
     np.testing.assert_allclose(blocked.values, one_block.values, rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(blocked.covered_um2, one_block.covered_um2, rtol=1e-12, atol=1e-9)
 
-    reference = reference_integrals(values, [*polygons, *(as_disk(c, r) for c, r in zip(centers, radii))], MAP_UM)
+    disks = [as_disk(c, r) for c, r in zip(centers, radii, strict=True)]
+    reference = reference_integrals(values, [*polygons, *disks], MAP_UM)
     n_poly = len(polygons)
     np.testing.assert_allclose(one_block.values[:n_poly], reference[:n_poly], rtol=1e-9, atol=1e-7)
     np.testing.assert_allclose(one_block.values[n_poly:], reference[n_poly:], rtol=2e-4, atol=1e-3)
@@ -107,7 +110,8 @@ def test_float16_map_and_shapes_off_the_map():
     values = np.linspace(0, 1, 2 * 10 * 12, dtype=np.float16).reshape(2, 10, 12)
     geoms = gpd.GeoSeries([box(2, 2, 7, 9), box(50, 50, 60, 60)])
     result = integrate_map(values, geoms, um_per_px=1.0, progress=False)
-    np.testing.assert_allclose(result.values[0], values[:, 2:9, 2:7].astype(np.float64).sum(axis=(1, 2)), rtol=1e-6)
+    expected = values[:, 2:9, 2:7].astype(np.float64).sum(axis=(1, 2))
+    np.testing.assert_allclose(result.values[0], expected, rtol=1e-6)
     assert np.all(result.values[1] == 0) and result.covered_um2[1] == 0 and result.area_um2[1] == 100.0
 
 
@@ -116,7 +120,8 @@ def test_integrate_map_input_errors():
     with pytest.raises(PixgeneInputError, match="radii"):
         integrate_map(values, gpd.GeoSeries([Point(1, 1)]), um_per_px=1.0, progress=False)
     with pytest.raises(PixgeneInputError, match="LineString"):
-        integrate_map(values, gpd.GeoSeries([shapely.LineString([(0, 0), (1, 1)])]), um_per_px=1.0, progress=False)
+        line = gpd.GeoSeries([shapely.LineString([(0, 0), (1, 1)])])
+        integrate_map(values, line, um_per_px=1.0, progress=False)
     with pytest.raises(PixgeneInputError, match="3"):
         integrate_map(values[0], gpd.GeoSeries([box(0, 0, 1, 1)]), um_per_px=1.0, progress=False)
 
@@ -162,7 +167,9 @@ def build_sdata(*, second_map: bool = False):
 
     rng = np.random.default_rng(7)
     he = Image2DModel.parse(
-        rng.integers(0, 255, (3, 96, 96), dtype=np.uint8), dims=("c", "y", "x"), transformations={"global": Identity()}
+        rng.integers(0, 255, (3, 96, 96), dtype=np.uint8),
+        dims=("c", "y", "x"),
+        transformations={"global": Identity()},
     )
     values = rng.gamma(2.0, 0.5, (4, 24, 24)).astype(np.float32)
     dense = Image2DModel.parse(
@@ -177,9 +184,12 @@ def build_sdata(*, second_map: bool = False):
         return {"global": Affine(matrix, input_axes=("x", "y"), output_axes=("x", "y"))}
 
     cells = ShapesModel.parse(
-        gpd.GeoDataFrame(geometry=CELLS, index=[f"cell{k}" for k in range(len(CELLS))]), transformations=affine(CELLS_FRAME)
+        gpd.GeoDataFrame(geometry=CELLS, index=[f"cell{k}" for k in range(len(CELLS))]),
+        transformations=affine(CELLS_FRAME),
     )
-    spots = ShapesModel.parse(SPOT_CENTERS, geometry=0, radius=SPOT_RADIUS, transformations=affine(SPOTS_FRAME))
+    spots = ShapesModel.parse(
+        SPOT_CENTERS, geometry=0, radius=SPOT_RADIUS, transformations=affine(SPOTS_FRAME)
+    )
     stretched = ShapesModel.parse(
         SPOT_CENTERS, geometry=0, radius=SPOT_RADIUS, transformations=affine(np.diag([2.0, 1.0, 1.0]))
     )
@@ -200,7 +210,7 @@ def build_sdata(*, second_map: bool = False):
 
 def test_aggregate_polygons_in_a_third_frame_match_reference():
     sdata, values = build_sdata()
-    adata = aggregate(sdata, shapes="cells", block_px=8)
+    adata = aggregate(sdata, shapes="cells", block_px=8, progress=False)
     to_map = GLOBAL_TO_MAP @ CELLS_FRAME
     reference = reference_integrals(values, [transform(to_map, g) for g in CELLS], MAP_UM)
     np.testing.assert_allclose(adata.X, reference[:, :3], rtol=1e-5)
@@ -221,6 +231,7 @@ def test_aggregate_polygons_in_a_third_frame_match_reference():
     info = adata.uns[UNS_KEY]
     assert info["dense_key"] == "he_pixgene" and info["dense"]["model"] == "test-model"
     assert info["params"]["shapes"] == "cells" and info["params"]["block_px"] == 8
+    assert info["params"]["progress"] is False
     assert info["params"]["key_added"] == "cells_pixgene"
     assert adata.uns["spatialdata_attrs"]["region"] == "cells"
     assert sdata.tables["cells_pixgene"] is adata
@@ -273,7 +284,8 @@ def test_integrate_labels_axis_aligned_matches_pixel_sums():
     labels = rng.integers(0, 6, (40, 44)).astype(np.uint16)
     values = rng.random((2, 10, 11)).astype(np.float32)
     affine = np.diag([1 / MAP_UM, 1 / MAP_UM, 1.0])
-    result = integrate_labels(values, da.from_array(labels, chunks=7), affine, um_per_px=MAP_UM, block_px=3, progress=False)
+    lazy_labels = da.from_array(labels, chunks=7)
+    result = integrate_labels(values, lazy_labels, affine, um_per_px=MAP_UM, block_px=3, progress=False)
     upsampled = values.repeat(4, axis=1).repeat(4, axis=2).astype(np.float64)
     expected = np.array([[upsampled[c][labels == k].sum() for c in range(2)] for k in range(1, 6)])
     assert list(result.label_ids) == [1, 2, 3, 4, 5]
@@ -354,3 +366,17 @@ def test_readout_feeds_scanpy_neighbors():
     distances = adata.obsp["distances"].toarray()
     nearest = np.argsort(np.linalg.norm(adata.X[:, None] - adata.X[None], axis=-1), axis=1)[:, 1]
     assert np.all(distances[np.arange(adata.n_obs), nearest] > 0)
+
+
+def test_map_scale_derived_from_the_image_when_not_recorded():
+    sdata, values = build_sdata()
+    del sdata.attrs[UNS_KEY]["um_per_px"]["he_pixgene"]
+    with pytest.raises(PixgeneInputError, match="microns per pixel are not recorded"):
+        aggregate(sdata, shapes="cells", inplace=False)
+    derived = aggregate(sdata, shapes="cells", image_key="he", inplace=False)  # 1 um/px x Scale(4)
+    sdata.attrs[UNS_KEY]["dense"]["he_pixgene"]["image_key"] = "he"
+    from_metadata = aggregate(sdata, shapes="cells", inplace=False)
+    to_map = GLOBAL_TO_MAP @ CELLS_FRAME
+    reference = reference_integrals(values, [transform(to_map, g) for g in CELLS], MAP_UM)
+    np.testing.assert_allclose(derived.X, reference[:, :3], rtol=1e-5)
+    np.testing.assert_allclose(from_metadata.X, derived.X, rtol=1e-12)

@@ -153,7 +153,9 @@ def test_encoder_applies_its_normalisation(lite0):
         expected = raw(_normalise(x, lite0))
         unnormalised = raw(x)
     for a, b, c in zip(ours, expected, unnormalised):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert a.is_contiguous()
+        # the encoder runs channels-last on CPU: same maths, another summation order
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(a, c, atol=1e-3)
 
 
@@ -332,7 +334,7 @@ def test_timm_cnn_checkpoint_with_module_prefix(tmp_path, name):
     assert len(feats) == len(expected) == len(encoder.reductions)
     for ours, ref, r in zip(feats, expected, encoder.reductions):
         assert ours.shape[-1] == 64 // r
-        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)  # channels-last on CPU
 
 
 def test_wrong_checkpoints_raise_clear_errors(tmp_path):
@@ -495,7 +497,7 @@ def test_full_size_uni2_checkpoint_round_trip(tmp_path):
         x = torch.rand(1, 3, 224, 224)
         with torch.no_grad():
             ya = a(x)
-        del a
+        del a, state
         b = build_encoder("uni2", weights="{tmp_path}/uni2.safetensors")
         with torch.no_grad():
             yb = b(x)

@@ -80,10 +80,12 @@ def test_polygons_match_clipping_concave_holes_multi_and_outside():
     H, W = 16, 19
     shapes = [random_star_polygon(rng, rng.uniform(-3, 22, 2), int(rng.integers(3, 14))) for _ in range(25)]
     shapes.append(CONCAVE_WITH_HOLE)
-    shapes.append(MultiPolygon([box(0.3, 0.2, 3.7, 5.1), box(10.2, 11.3, 30.0, 12.9), shapely.affinity.translate(CONCAVE_WITH_HOLE, 9, 0)]))
+    moved = shapely.affinity.translate(CONCAVE_WITH_HOLE, 9, 0)
+    shapes.append(MultiPolygon([box(0.3, 0.2, 3.7, 5.1), box(10.2, 11.3, 30.0, 12.9), moved]))
     shapes.append(box(-6, -6, -1, -1))  # entirely outside
     shapes.append(box(-2.5, 3.25, 25.0, 4.75))  # crosses the grid, clipped on both sides
-    shapes.append(Polygon(CONCAVE_WITH_HOLE.exterior.coords[::-1], [CONCAVE_WITH_HOLE.interiors[0].coords[::-1]]))
+    exterior, hole = CONCAVE_WITH_HOLE.exterior.coords, CONCAVE_WITH_HOLE.interiors[0].coords
+    shapes.append(Polygon(exterior[::-1], [hole[::-1]]))  # rings in the opposite orientation
     assert all(s.is_valid for s in shapes)
     weights = polygon_weights(shapes, (H, W))
     assert weights.shape == (len(shapes), H * W)
@@ -143,14 +145,15 @@ def test_rectangle_partition_is_additive(x0, y0, width, height, x_cuts, y_cuts):
     block=st.tuples(st.integers(0, 3), st.integers(0, 3)),
 )
 def test_two_by_two_bins_sum_to_parent(origin, size, block):
-    # child edges are index * size and parent edges index * (2 * size): equal bit for bit, as in make_grid
-    edges = lambda k, s: origin[0] + k * s  # noqa: E731
+    def bin_box(row: int, col: int, side: float):
+        # edges are index * side, as make_grid computes them: (2k) * s == k * (2s) bit for bit
+        x0, y0 = origin
+        return box(x0 + col * side, y0 + row * side, x0 + (col + 1) * side, y0 + (row + 1) * side)
+
     r, c = block
-    parent = box(edges(c, 2 * size), origin[1] + r * 2 * size, edges(c + 1, 2 * size), origin[1] + (r + 1) * 2 * size)
-    children = [
-        box(edges(2 * c + dc, size), origin[1] + (2 * r + dr) * size, edges(2 * c + dc + 1, size), origin[1] + (2 * r + dr + 1) * size)
-        for dr in (0, 1)
-        for dc in (0, 1)
-    ]
+    parent = bin_box(r, c, 2 * size)
+    children = [bin_box(2 * r + dr, 2 * c + dc, size) for dr in (0, 1) for dc in (0, 1)]
     weights = polygon_weights([parent, *children], (20, 20))
-    np.testing.assert_allclose(np.asarray(weights[1:].sum(axis=0)).ravel(), weights[0].toarray().ravel(), atol=1e-9)
+    children_sum = np.asarray(weights[1:].sum(axis=0)).ravel()
+    np.testing.assert_allclose(children_sum, weights[0].toarray().ravel(), atol=1e-9)
+    assert weights[0].sum() == pytest.approx(parent.intersection(box(0, 0, 20, 20)).area, abs=1e-9)

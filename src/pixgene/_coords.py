@@ -58,7 +58,11 @@ def affine_between(sdata: Any, source_key: str, target_key: str) -> np.ndarray:
 
 def apply_affine(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:
     xy = np.asarray(xy, dtype=float)
-    return xy @ matrix[:2, :2].T + matrix[:2, 2]
+    # elementwise, not xy @ A.T: BLAS on an (n, 2) x (2, 2) product is slow and erratic under thread contention
+    out = np.empty(np.broadcast_shapes(xy.shape, (2,)))
+    out[..., 0] = matrix[0, 0] * xy[..., 0] + matrix[0, 1] * xy[..., 1] + matrix[0, 2]
+    out[..., 1] = matrix[1, 0] * xy[..., 0] + matrix[1, 1] * xy[..., 1] + matrix[1, 2]
+    return out
 
 
 def isotropic_scale(matrix: np.ndarray, what: str) -> float:

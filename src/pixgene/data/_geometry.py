@@ -1,7 +1,9 @@
-"""Exact overlap areas between shapes and the square pixels of a grid.
+"""Exact overlap areas between shapes (disks, polygons with holes) and the square pixels of a grid.
 
 Grid convention: pixel (row i, column j) covers x in [j, j + 1] and y in [i, i + 1] in grid coordinates
 (x to the right, y down), so a shape's integral of a piecewise-constant map is sum(area * value).
+Disks use a closed form of the disk/quadrant area; polygons an exact edge integration (Green's theorem).
+Both kernels are compiled with numba and return scipy CSR matrices (shape x pixel).
 """
 
 from __future__ import annotations
@@ -169,6 +171,7 @@ def circle_weights(
 # labels mask's pixel edges, for example) works, because every edge is integrated on its own.
 # ----------------------------------------------------------------------------------------------------------
 
+
 @numba.njit(cache=True, nogil=True, inline="always")
 def _ramp_integral(t: float) -> float:
     """G(t) = integral of clamp(s, 0, 1) ds from -inf to t."""
@@ -335,8 +338,9 @@ def polygon_edges(polygons: Any) -> PolygonEdges:
     bounds = shapely.bounds(geoms)
     bounds[~np.isfinite(bounds).all(axis=1)] = 0.0
     return PolygonEdges(
-        np.ascontiguousarray(x0), np.ascontiguousarray(y0), np.ascontiguousarray(x1), np.ascontiguousarray(y1),
-        start.astype(np.int64), np.ascontiguousarray(bounds, dtype=np.float64),
+        *(np.ascontiguousarray(a, dtype=np.float64) for a in (x0, y0, x1, y1)),
+        start.astype(np.int64),
+        np.ascontiguousarray(bounds, dtype=np.float64),
     )
 
 

@@ -48,7 +48,7 @@ def block_mean(array: Any, step: int) -> np.ndarray:
         sums = padded.reshape(bc, oh, step, ow, step).sum(axis=(2, 4))
         return sums / counts.reshape(oh, step, ow, step).sum(axis=(1, 3))
 
-    out_chunks = (array.chunks[0], tuple(-(-s // step) for s in array.chunks[1]), tuple(-(-s // step) for s in array.chunks[2]))
+    out_chunks = (array.chunks[0], *(tuple(-(-s // step) for s in sizes) for sizes in array.chunks[1:]))
     return np.asarray(array.map_blocks(reduce, chunks=out_chunks, dtype=np.float64).compute())
 
 
@@ -109,7 +109,7 @@ def tissue_mask(
     mask = _remove_small_objects(mask, min_object_um2 / mask_px_um2)
     mask = _fill_small_holes(mask, max_hole_um2 / mask_px_um2)
     logger.info(
-        "tissue mask of %r: %.1f%% tissue at %.3g um per mask pixel (thresholds: saturation %.3f, texture %.3f)",
+        "tissue mask of %r: %.1f%% tissue at %.3g um/mask px (thresholds: saturation %.3f, texture %.3f)",
         image_key, 100 * mask.mean(), factor * um_per_px, *thresholds,
     )
     return mask, float(factor)
@@ -175,7 +175,9 @@ def _overlaps(lo: float, hi: float, factor: float, n: int) -> tuple[int, np.ndar
     return first, np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0.0, None)
 
 
-def mask_fraction_in_region(mask: np.ndarray, factor: float, x0: float, y0: float, x1: float, y1: float) -> float:
+def mask_fraction_in_region(
+    mask: np.ndarray, factor: float, x0: float, y0: float, x1: float, y1: float
+) -> float:
     """Exact fraction of the image-pixel rectangle [x0, x1] x [y0, y1] covered by tissue.
 
     ``mask`` and ``factor`` come from :func:`tissue_mask`; parts of the rectangle outside the mask's extent

@@ -43,26 +43,32 @@ class MapIntegrals(NamedTuple):
 
 
 @numba.njit(cache=True, nogil=True)
-def _accumulate_csr(indptr, indices, data, planes, rows, out):
-    """out[rows[k], c] += sum_n data[n] * planes[c, indices[n]] over row k of a CSR matrix."""
+def _accumulate_csr(indptr, pixel_row, pixel_col, data, window, rows, out):
+    """out[rows[k], c] += sum_n data[n] * window[c, pixel_row[n], pixel_col[n]] over row k of a CSR matrix."""
     n_rows = len(indptr) - 1
-    for c in range(planes.shape[0]):
-        plane = planes[c]
+    for c in range(window.shape[0]):
+        plane = window[c]
         for k in range(n_rows):
             total = 0.0
             for n in range(indptr[k], indptr[k + 1]):
-                total += data[n] * plane[indices[n]]
+                total += data[n] * plane[pixel_row[n], pixel_col[n]]
             out[rows[k], c] += total
 
 
-def accumulate(weights: sp.csr_matrix, planes: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
-    """``out[rows] += weights @ planes.T`` without copying ``planes`` (C, N) into another layout."""
+def accumulate(weights: sp.csr_matrix, window: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """``out[rows] += weights @ window.reshape(C, -1).T`` for a (C, h, w) window, read in place (no copy).
+
+    Channels are the outer loop so that each pass reads one contiguous plane; callers order the rows in
+    horizontal strips so that consecutive shapes read the same map rows while they are in cache.
+    """
     weights = weights.tocsr()
+    pixel_row, pixel_col = np.divmod(weights.indices.astype(np.int64, copy=False), window.shape[2])
     _accumulate_csr(
         weights.indptr.astype(np.int64, copy=False),
-        weights.indices.astype(np.int64, copy=False),
+        pixel_row,
+        pixel_col,
         weights.data.astype(np.float64, copy=False),
-        planes,
+        window,
         np.asarray(rows, dtype=np.int64),
         out,
     )
@@ -78,15 +84,33 @@ def as_map_array(map_array: Any) -> Any:
     return data
 
 
-def read_window(map_array: Any, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    """All channels of one window as a C-contiguous float32/float64 numpy array (computes dask lazily)."""
-    window = map_array[:, y0:y1, x0:x1]
-    if hasattr(window, "compute"):
-        window = window.compute()
-    window = np.asarray(window)
-    if window.dtype not in (np.float32, np.float64):
-        window = window.astype(np.float32)
-    return np.ascontiguousarray(window)
+class WindowReader:
+    """Reads all channels of map windows as float32/float64 numpy arrays, one window at a time.
+
+    A numpy map is returned as a view (no copy). A dask map is computed window by window straight into one
+    reusable buffer, so memory holds a single window plus the chunks being decoded, never the whole map.
+    """
+
+    def __init__(self, map_array: Any):
+        self.map = map_array
+        self.is_lazy = hasattr(map_array, "dask")
+        self.dtype = np.float64 if map_array.dtype == np.float64 else np.float32
+        self._buffer: np.ndarray | None = None
+
+    def __call__(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        window = self.map[:, y0:y1, x0:x1]
+        if not self.is_lazy:
+            window = np.asarray(window)
+            return window if window.dtype == self.dtype else window.astype(self.dtype)
+        import dask.array as da
+
+        C, h, w = window.shape
+        if self._buffer is None or self._buffer.shape[1] < h or self._buffer.shape[2] < w:
+            held = (0, 0, 0) if self._buffer is None else self._buffer.shape
+            self._buffer = np.empty((C, max(h, held[1]), max(w, held[2])), dtype=self.dtype)
+        out = self._buffer[:, :h, :w]
+        da.store(window.astype(self.dtype, copy=False), out, lock=False)
+        return out
 
 
 class ShapeSet(NamedTuple):
@@ -114,7 +138,7 @@ def shape_set(shapes_px: Any, radii: Any = None) -> ShapeSet:
     unsupported = ~np.isin(types, (_POINT, _POLYGON, _MULTIPOLYGON))
     if unsupported.any():
         kinds = sorted({geoms[i].geom_type for i in np.flatnonzero(unsupported)})
-        fail("shapes", f"contain unsupported geometry types {kinds}", "Use circles (Points with a radius) or polygons")
+        fail("shapes", f"contain unsupported geometry types {kinds}", "Use circles or polygons")
     circle_ids = np.flatnonzero(types == _POINT)
     polygon_ids = np.flatnonzero(types != _POINT)
     bounds = np.zeros((n, 4))
@@ -123,11 +147,11 @@ def shape_set(shapes_px: Any, radii: Any = None) -> ShapeSet:
     circle_radii = np.zeros(0)
     if len(circle_ids):
         if radii is None:
-            fail("shapes", f"{len(circle_ids)} are points but no radii were given", "Pass radii=... for circles")
+            fail("shapes", f"{len(circle_ids)} are points but no radii were given", "Pass radii=...")
         all_radii = np.broadcast_to(np.asarray(radii, dtype=float), (n,))
         circle_radii = np.ascontiguousarray(all_radii[circle_ids])
         if not np.all(np.isfinite(circle_radii) & (circle_radii > 0)):
-            fail("shapes", "some circle radii are not positive finite numbers", "Give every circle a radius > 0")
+            fail("shapes", "some circle radii are not positive finite numbers", "Give each a radius > 0")
         centers = shapely.get_coordinates(geoms[circle_ids]).reshape(-1, 2)
         if len(centers) != len(circle_ids):
             fail("shapes", "some points are empty", "Drop empty geometries")
@@ -138,11 +162,13 @@ def shape_set(shapes_px: Any, radii: Any = None) -> ShapeSet:
         bounds[polygon_ids] = edges.bounds
         area_px[polygon_ids] = shapely.area(geoms[polygon_ids])
     if not np.all(np.isfinite(bounds)):
-        fail("shapes", "contain non-finite coordinates", "Check the shapes and their transformation to the map")
+        fail("shapes", "contain non-finite coordinates", "Check the shapes and their placement on the map")
     return ShapeSet(n, circle_ids, centers, circle_radii, polygon_ids, edges, bounds, area_px)
 
 
-def shapes_per_block(bounds: np.ndarray, shape_hw: tuple[int, int], block_px: int) -> Iterator[tuple[int, int, np.ndarray]]:
+def shapes_per_block(
+    bounds: np.ndarray, shape_hw: tuple[int, int], block_px: int
+) -> Iterator[tuple[int, int, np.ndarray]]:
     """(block row, block column, ids of the shapes whose clipped bounding box touches the block)."""
     H, W = shape_hw
     n_bx = -(-W // block_px)
@@ -219,23 +245,31 @@ def integrate_map(
     is_circle[shapes.circle_ids] = True
 
     blocks = list(shapes_per_block(shapes.bounds, (H, W), block_px))
+    read_window = WindowReader(data)
     for by, bx, ids in tqdm(blocks, desc="integrating map blocks", unit="block", disable=not progress):
         y0, x0 = by * block_px, bx * block_px
         y1, x1 = min(y0 + block_px, H), min(x0 + block_px, W)
-        planes = read_window(data, y0, y1, x0, x1).reshape(C, -1)
-        for ids_kind, weights in _block_weights(shapes, ids, is_circle, kind_pos, (x0, y0), (y1 - y0, x1 - x0)):
-            accumulate(weights, planes, ids_kind, values)
+        window = read_window(y0, y1, x0, x1)
+        hw = (y1 - y0, x1 - x0)
+        for ids_kind, weights in _block_weights(shapes, ids, is_circle, kind_pos, (x0, y0), hw):
+            accumulate(weights, window, ids_kind, values)
             covered_px[ids_kind] += np.asarray(weights.sum(axis=1)).ravel()
     px_area = float(um_per_px) ** 2
     logger.info("integrated %d channel(s) over %d shape(s) in %d block(s)", C, shapes.n, len(blocks))
     return MapIntegrals(values * px_area, covered_px * px_area, shapes.area_px * px_area)
 
 
-def _block_weights(shapes: ShapeSet, ids: np.ndarray, is_circle: np.ndarray, kind_pos: np.ndarray, origin, hw):
+def _strip_order(bounds: np.ndarray) -> np.ndarray:
+    """Order shapes by horizontal strips of their top edge, then left to right.
+
+    Visited in this order, consecutive shapes read the same map rows, which stay in cache for every channel.
+    """
+    return np.lexsort((bounds[:, 0], np.floor(bounds[:, 1] / _STRIP_PX)))
+
+
+def _block_weights(shapes: ShapeSet, ids, is_circle, kind_pos, origin, hw):
     """(shape ids, CSR weights within the block) for the block's circles and for its polygons."""
-    # visiting shapes in horizontal strips keeps the map rows they read hot in cache for every channel
-    strip = np.floor(shapes.bounds[ids, 1] / _STRIP_PX)
-    ids = ids[np.lexsort((shapes.bounds[ids, 0], strip))]
+    ids = ids[_strip_order(shapes.bounds[ids])]
     circles = ids[is_circle[ids]]
     if len(circles):
         pos = kind_pos[circles]
@@ -290,7 +324,7 @@ def label_boundary_edges(block: np.ndarray, *, horizontal: bool = True, vertical
     return tuple(np.concatenate([p[k] for p in parts]) for k in range(5))
 
 
-def _label_block_edges(block: np.ndarray, ids: np.ndarray, affine: np.ndarray, offset: tuple[int, int]) -> PolygonEdges:
+def _label_block_edges(block: np.ndarray, ids: np.ndarray, affine: np.ndarray, offset) -> PolygonEdges:
     """Boundary edges of each label ``ids[k]`` within ``block``, mapped into map pixels, grouped by label."""
     from .._coords import apply_affine
 
@@ -364,20 +398,21 @@ def integrate_labels(
     if lab.ndim != 2:
         fail("labels", f"have {lab.ndim} dimension(s), not 2 (y, x)", "Pass a 2-D labels raster")
     if not np.issubdtype(lab.dtype, np.integer):
-        fail("labels", f"have dtype {lab.dtype}, not an integer type", "Pass integer label ids (0 = background)")
+        fail("labels", f"have dtype {lab.dtype}, not an integer type", "Pass integer ids (0 = background)")
     affine = np.asarray(affine, dtype=float)
     det = float(np.linalg.det(affine[:2, :2]))
     if not np.isfinite(det) or det == 0:
-        fail("labels", "their transformation to the map is singular", "Give the labels an invertible transformation")
+        fail("labels", "their transformation to the map is singular", "Give an invertible transformation")
     map_px_per_label_px = np.sqrt(abs(det))
     side = int(block_px) if map_px_per_label_px <= 1 else max(64, int(block_px / map_px_per_label_px))
     LH, LW = map(int, lab.shape)
     starts = [(y, x) for y in range(0, LH, side) for x in range(0, LW, side)]
     parts = []
+    read_window = WindowReader(data)
     for y0, x0 in tqdm(starts, desc="integrating labels blocks", unit="block", disable=not progress):
         block = lab[y0 : y0 + side, x0 : x0 + side]
         block = np.asarray(block.compute() if hasattr(block, "compute") else block)
-        parts.append(_integrate_label_block(data, block, affine, (x0, y0), (H, W)))
+        parts.append(_integrate_label_block(read_window, C, block, affine, (x0, y0), (H, W)))
     ids = np.concatenate([p[0] for p in parts])
     uniq, inverse = np.unique(ids, return_inverse=True)
 
@@ -399,9 +434,8 @@ def integrate_labels(
     )
 
 
-def _integrate_label_block(data, block, affine, offset, map_hw):
+def _integrate_label_block(read_window, C, block, affine, offset, map_hw):
     """(ids, values, covered px^2, pixel counts, sums of pixel-centre (x, y)) for one labels block."""
-    C = data.shape[0]
     H, W = map_hw
     ids, inverse, counts = np.unique(block, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(block.shape)
@@ -416,13 +450,15 @@ def _integrate_label_block(data, block, affine, offset, map_hw):
         h, w = block.shape
         from .._coords import apply_affine
 
-        corners = apply_affine(affine, np.array([[0, 0], [w, 0], [0, h], [w, h]], float) + np.asarray(offset, float))
+        corners = np.array([[0, 0], [w, 0], [0, h], [w, h]], float) + np.asarray(offset, float)
+        corners = apply_affine(affine, corners)
         wx0, wy0 = max(int(np.floor(corners[:, 0].min())), 0), max(int(np.floor(corners[:, 1].min())), 0)
         wx1, wy1 = min(int(np.ceil(corners[:, 0].max())), W), min(int(np.ceil(corners[:, 1].max())), H)
         if wx1 > wx0 and wy1 > wy0:
             edges = _label_block_edges(block, ids, affine, offset)
-            weights = edge_weights(edges, (wy1 - wy0, wx1 - wx0), origin=(wx0, wy0))
-            planes = read_window(data, wy0, wy1, wx0, wx1).reshape(C, -1)
-            accumulate(weights, planes, np.arange(len(ids)), values)
-            covered = np.asarray(weights.sum(axis=1)).ravel()
+            order = _strip_order(edges.bounds)
+            weights = edge_weights(edges, (wy1 - wy0, wx1 - wx0), subset=order, origin=(wx0, wy0))
+            window = read_window(wy0, wy1, wx0, wx1)
+            accumulate(weights, window, order, values)
+            covered[order] = np.asarray(weights.sum(axis=1)).ravel()
     return ids.astype(np.int64), values, covered, counts.astype(np.float64), xy_sums

@@ -8,14 +8,23 @@ from torch import nn
 
 
 class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channel axis of a (B, C, H, W) tensor."""
+    """LayerNorm over the channel axis of a (B, C, H, W) tensor, per pixel.
 
-    def __init__(self, channels: int) -> None:
+    Computed along dim 1 in place of permuting to channels-last for ``nn.LayerNorm``: the same values, and
+    several times faster on a CPU, where the permute copies dominated the decoder's cost.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(channels)
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        mean = x.mean(1, keepdim=True)
+        centred = x - mean
+        var = centred.pow(2).mean(1, keepdim=True)
+        return centred * torch.rsqrt(var + self.eps) * self.weight[:, None, None] + self.bias[:, None, None]
 
 
 class SkipRefine(nn.Module):

@@ -366,7 +366,11 @@ class CNNEncoder(Encoder):
     """A timm CNN with ``features_only``: its own stages at its own strides."""
 
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.body(x))
+        if x.device.type != "cpu":
+            return list(self.body(x))
+        # oneDNN runs (depthwise) convolutions 1.25-1.5x faster on channels-last activations (measured on
+        # EfficientNet-Lite0); the levels go back to the default layout so callers may .view() them freely
+        return [f.contiguous() for f in self.body(x.contiguous(memory_format=torch.channels_last))]
 
 
 class ViTEncoder(Encoder):
@@ -431,9 +435,17 @@ def build_encoder(
     -------
     An :class:`Encoder` in eval mode with every parameter frozen (see :meth:`Encoder.set_trainable`).
     """
+    # the first ``import timm`` leaves a stored traceback whose frames reach this one; keeping the model out of
+    # this frame's locals (it lives in _build's) stops that traceback from pinning gigabytes of weights
+    timm = _timm()
+    return _build(timm, name, weights=weights, um_per_px=um_per_px, out_indices=out_indices, overrides=overrides)
+
+
+def _build(
+    timm: Any, name: str, *, weights: Any, um_per_px: float | None, out_indices: Any, overrides: dict[str, Any]
+) -> Encoder:
     entry, family, um = _resolve(name, um_per_px, overrides)
     source = _check_weights_arg(name, weights)
-    timm = _timm()
     kwargs = {**entry.timm_kwargs(), **overrides}
 
     if family == "cnn":

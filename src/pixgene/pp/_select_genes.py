@@ -67,16 +67,15 @@ def select_genes(
         fail(f"tables {table_key!r}", "the slides share no gene names", "Use slides of one species and id type")
     if not 0 < n_top <= len(common):
         fail("n_top", f"{n_top} is not between 1 and the {len(common)} shared genes", "Choose a smaller n_top")
-    pooled = ad.concat(
-        [ad.AnnData(X=sp.csr_matrix(t[:, common].X, dtype=np.float32), var=pd.DataFrame(index=common)) for t in tables],
-        label="slide",
-    )
-    totals = np.asarray(sp.csr_matrix(pooled.X).sum(1)).ravel()
+    parts = []
+    for t in tables:
+        # normalise by each spot's total over ALL its genes (scanpy's own route), then keep the shared genes
+        part = ad.AnnData(X=sp.csr_matrix(t.X, dtype=np.float32), var=pd.DataFrame(index=t.var_names))
+        sc.pp.normalize_total(part, target_sum=1e4)
+        sc.pp.log1p(part)
+        parts.append(part[:, common])
+    pooled = ad.concat(parts, label="slide", index_unique="-")
     detected = np.asarray((sp.csr_matrix(pooled.X) > 0).mean(0)).ravel()
-    # normalise by each spot's total over ALL its genes, as for real analyses
-    all_totals = np.concatenate([np.asarray(t.X.sum(1)).ravel() for t in tables])
-    pooled.X = sp.csr_matrix(pooled.X).multiply(1e4 / np.maximum(all_totals, 1)[:, None]).tocsr()
-    sc.pp.log1p(pooled)
     eligible = detected >= min_fraction
     if eligible.sum() < n_top:
         fail("min_fraction", f"only {int(eligible.sum())} genes are detected in {min_fraction:.0%} of spots",
@@ -101,5 +100,5 @@ def select_genes(
                 "genes": genes,
             }
             t.uns[UNS_KEY] = info
-    logger.info("selected %d genes (%s) from %d slide(s), %d spots", len(genes), flavor, len(tables), len(totals))
+    logger.info("selected %d genes (%s) from %d slide(s), %d spots", len(genes), flavor, len(tables), pooled.n_obs)
     return genes

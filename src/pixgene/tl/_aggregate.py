@@ -38,6 +38,7 @@ def aggregate(
     overwrite: bool = False,
     block_px: int = 2048,
     inplace: bool = True,
+    progress: bool = True,
 ) -> Any:
     """Expected counts of every gene in every shape: the exact integral of the dense map over the shape.
 
@@ -67,6 +68,8 @@ def aggregate(
     inplace
         Store the table in ``sdata.tables[key_added]`` (and write it to the zarr store when ``sdata`` is
         backed by one); otherwise only return it.
+    progress
+        Show a tqdm progress bar over map (or labels) blocks.
 
     Returns
     -------
@@ -82,32 +85,39 @@ def aggregate(
     - ``obsm["spatial"]``: centroids in the shapes' own intrinsic coordinates.
     - ``uns["pixgene"]``: ``params`` (every argument), ``dense_key`` and ``dense`` (the map's metadata from
       ``sdata.attrs["pixgene"]["dense"]``).
+
+    Shapes entirely off the map get zero counts and coverage 0; drop them before normalising
+    (``adata[adata.obs["pixgene_coverage"] > 0]``), as scanpy warns about cells with zero counts.
     """
     from .._coords import affine_between
     from .._raster import full_resolution
 
     is_labels = shapes in sdata.labels
     if not is_labels and shapes not in sdata.shapes:
-        have = sorted([*sdata.shapes, *sdata.labels])
+        have = ", ".join(map(repr, sorted([*sdata.shapes, *sdata.labels]))) or "none"
         fail(
             f"shapes {shapes!r}",
-            f"not found among the shapes or labels elements (they are: {', '.join(map(repr, have)) or 'none'})",
+            f"not found among the shapes or labels elements (they are: {have})",
             "Pass shapes=<name of a shapes or labels element>",
         )
     dense_key = _resolve_dense_key(sdata, dense_key, image_key)
     dense = full_resolution(require_element(sdata, dense_key, "images"))
     if tuple(dense.dims) != ("c", "y", "x"):
-        fail(f"image {dense_key!r}", f"has dims {tuple(dense.dims)}, not ('c', 'y', 'x')", "Pass a dense map element")
+        fail(f"image {dense_key!r}", f"has dims {tuple(dense.dims)}, not ('c', 'y', 'x')", "Pass a dense map")
     if int(block_px) < 1:
         fail("aggregate", f"block_px={block_px!r} is not a positive integer", "Pass block_px >= 1")
     key_added = readout_key(shapes) if key_added is None else key_added
     check_not_exists(sdata, key_added, overwrite)
     um_per_px = _map_um_per_px(sdata, dense_key, image_key)
     channels = [str(c) for c in dense.coords["c"].values]
-    genes = [c for c in channels if c != TOTAL_CHANNEL]
-    if not genes:
+    if not any(c != TOTAL_CHANNEL for c in channels):
         fail(f"image {dense_key!r}", "has no gene channels", "Pass a dense map with gene names as channels")
     affine = affine_between(sdata, shapes, dense_key)
+    if is_labels:
+        labels = _checked_labels(sdata, shapes)
+    else:
+        mapped, radii, centroids = _shapes_in_map_pixels(sdata, shapes, affine)
+
     params = {
         "shapes": shapes,
         "dense_key": dense_key,
@@ -116,15 +126,25 @@ def aggregate(
         "overwrite": bool(overwrite),
         "block_px": int(block_px),
         "inplace": bool(inplace),
+        "progress": bool(progress),
     }
     if is_labels:
-        result = _read_out_labels(sdata, shapes, dense, affine, um_per_px, int(block_px))
+        from ..data._operator import integrate_labels
+
+        result = integrate_labels(
+            dense.data, labels.data, affine, um_per_px=um_per_px, block_px=int(block_px), progress=progress
+        )
+        if len(result.label_ids) == 0:
+            fail(f"labels {shapes!r}", "contain no non-zero label", "Pass labels with segmented regions")
+        instance_ids, centroids = result.label_ids, result.centroids
     else:
-        result = _read_out_shapes(sdata, shapes, dense, affine, um_per_px, int(block_px))
-    names, instance_ids, values, covered, area, centroids = result
-    adata = _build_table(
-        sdata, shapes, dense_key, channels, genes, names, instance_ids, values, covered, area, centroids, params
-    )
+        from ..data._operator import integrate_map
+
+        result = integrate_map(
+            dense.data, mapped, um_per_px=um_per_px, radii=radii, block_px=int(block_px), progress=progress
+        )
+        instance_ids = sdata.shapes[shapes].index.to_numpy()
+    adata = _build_table(sdata, shapes, dense_key, channels, instance_ids, result, centroids, params)
     if inplace:
         sdata.tables[key_added] = adata
         if sdata.is_backed():
@@ -161,7 +181,7 @@ def _resolve_dense_key(sdata: Any, dense_key: str | None, image_key: str | None)
 
 
 def _map_um_per_px(sdata: Any, dense_key: str, image_key: str | None) -> float:
-    """Microns per map pixel: recorded for the map, else the H&E's scale carried through the transformation."""
+    """Microns per map pixel: recorded for the map, else the H&E's, carried through the transformation."""
     from .._coords import affine_between, isotropic_scale
     from .._units import recorded_um_per_px, validate_um_per_px
 
@@ -182,82 +202,65 @@ def _map_um_per_px(sdata: Any, dense_key: str, image_key: str | None) -> float:
     return validate_um_per_px(source_um * scale, dense_key)
 
 
-def _read_out_shapes(sdata, shapes_key, dense, affine, um_per_px, block_px):
+def _shapes_in_map_pixels(sdata: Any, shapes_key: str, affine: np.ndarray):
+    """Validated shapes carried into map pixels: (geometries, radii or None, centroids in own coordinates)."""
     import shapely
 
     from .._coords import apply_affine, isotropic_scale
-    from ..data._operator import integrate_map
 
     frame = sdata.shapes[shapes_key]
+    where = f"shapes {shapes_key!r}"
     if len(frame) == 0:
-        fail(f"shapes {shapes_key!r}", "is empty", "Pass a shapes element with at least one shape")
+        fail(where, "is empty", "Pass a shapes element with at least one shape")
     geoms = np.asarray(frame.geometry, dtype=object)
     if any(g is None for g in geoms) or shapely.is_empty(geoms).any():
-        fail(f"shapes {shapes_key!r}", "contains missing or empty geometries", "Drop or repair them first")
+        fail(where, "contains missing or empty geometries", "Drop or repair them first")
     types = shapely.get_type_id(geoms)
+    unsupported = ~np.isin(types, (_POINT, _POLYGON, _MULTIPOLYGON))
+    if unsupported.any():
+        kinds = sorted({g.geom_type for g in geoms[unsupported]})
+        fail(where, f"contains {kinds} geometries", "Use circles (points with a radius) or polygons")
     is_point = types == _POINT
-    if not np.isin(types, (_POINT, _POLYGON, _MULTIPOLYGON)).all():
-        kinds = sorted({g.geom_type for g, t in zip(geoms, types, strict=True) if t not in (_POINT, _POLYGON, _MULTIPOLYGON)})
-        fail(f"shapes {shapes_key!r}", f"contains {kinds} geometries", "Use circles (points with radius) or polygons")
     radii = None
     if is_point.any():
         if "radius" not in frame.columns:
-            fail(f"shapes {shapes_key!r}", "are points without a 'radius' column", "Parse them as circles with a radius")
-        scale = isotropic_scale(affine, f"shapes {shapes_key!r}")
-        radii = frame["radius"].to_numpy(dtype=float) * scale
+            fail(where, "are points without a 'radius' column", "Parse them as circles with a radius")
+        radii = frame["radius"].to_numpy(dtype=float) * isotropic_scale(affine, where)
         if not np.all(np.isfinite(radii[is_point]) & (radii[is_point] > 0)):
-            fail(f"shapes {shapes_key!r}", "has circles with a missing or non-positive radius", "Fix the radius column")
-    # circle centres, polygon vertices: both carried into map pixels by the same affine
+            fail(where, "has circles with a missing or non-positive radius", "Fix the radius column")
+    # circle centres and polygon vertices are carried into map pixels by the same affine
     mapped = shapely.transform(geoms, lambda xy: apply_affine(affine, xy))
-    centroids = shapely.get_coordinates(shapely.centroid(geoms))
-    result = integrate_map(dense.data, mapped, um_per_px=um_per_px, radii=radii, block_px=block_px)
-    index = frame.index
-    return (
-        [str(i) for i in index],
-        index.to_numpy(),
-        result.values,
-        result.covered_um2,
-        result.area_um2,
-        centroids,
-    )
+    return mapped, radii, shapely.get_coordinates(shapely.centroid(geoms))
 
 
-def _read_out_labels(sdata, labels_key, dense, affine, um_per_px, block_px):
+def _checked_labels(sdata: Any, labels_key: str) -> Any:
     from .._raster import full_resolution
-    from ..data._operator import integrate_labels
 
     labels = full_resolution(sdata.labels[labels_key])
     if tuple(labels.dims) != ("y", "x"):
         fail(f"labels {labels_key!r}", f"has dims {tuple(labels.dims)}, not ('y', 'x')", "Pass 2-D labels")
-    result = integrate_labels(dense.data, labels.data, affine, um_per_px=um_per_px, block_px=block_px)
-    if len(result.label_ids) == 0:
-        fail(f"labels {labels_key!r}", "contains no non-zero label", "Pass a labels element with segmented regions")
-    return (
-        [str(i) for i in result.label_ids],
-        result.label_ids,
-        result.values,
-        result.covered_um2,
-        result.area_um2,
-        result.centroids,
-    )
+    if not np.issubdtype(labels.dtype, np.integer):
+        fail(f"labels {labels_key!r}", f"has dtype {labels.dtype}, not integer", "Pass integer label ids")
+    return labels
 
 
-def _build_table(sdata, region, dense_key, channels, genes, names, instance_ids, values, covered, area, centroids, params):
+def _build_table(sdata, region, dense_key, channels, instance_ids, result, centroids, params):
     import anndata as ad
     import pandas as pd
     from spatialdata.models import TableModel
 
-    gene_columns = [channels.index(g) for g in genes]
-    obs = pd.DataFrame(index=pd.Index(names, dtype=str))
+    genes = [c for c in channels if c != TOTAL_CHANNEL]
+    values, covered, area = result.values, result.covered_um2, result.area_um2
+    names = pd.Index([str(i) for i in instance_ids], dtype=str)
+    obs = pd.DataFrame(index=names)
     if TOTAL_CHANNEL in channels:
         obs[TOTAL_OBS] = values[:, channels.index(TOTAL_CHANNEL)]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        obs[COVERAGE_OBS] = np.where(area > 0, covered / np.where(area > 0, area, 1.0), 0.0)
+    obs[COVERAGE_OBS] = np.where(area > 0, covered / np.where(area > 0, area, 1.0), 0.0)
     obs[AREA_OBS] = area
     obs[REGION_KEY] = pd.Categorical([region] * len(names), categories=[region])
     obs[INSTANCE_KEY] = instance_ids
     adata = ad.AnnData(
-        X=np.ascontiguousarray(values[:, gene_columns], dtype=np.float32),
+        X=np.ascontiguousarray(values[:, [channels.index(g) for g in genes]], dtype=np.float32),
         obs=obs,
         var=pd.DataFrame(index=pd.Index(genes, dtype=str)),
     )

@@ -50,7 +50,7 @@ def fit(
     encoder: str = "efficientnet_lite0",
     encoder_weights: str | None = "default",
     decoder: str = "fusion",
-    width: int = 64,
+    width: int = 48,
     out_stride: int = 4,
     tile_px: int | None = None,
     n_views: int = 4,

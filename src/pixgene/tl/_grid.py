@@ -121,7 +121,8 @@ def make_grid(
     if sdata.is_backed():
         sdata.write_element(key_added, overwrite=overwrite)
     logger.info(
-        "made %d %s bins of %g um (%.3g px) over %r as %r", len(bins), shape, bin_um, bin_px, image_key, key_added
+        "made %d %s bins of %g um (%.3g px) over %r as %r",
+        len(bins), shape, bin_um, bin_px, image_key, key_added,
     )
     return bins
 
@@ -152,7 +153,10 @@ def _hex_bins(height: int, width: int, pitch: float):
     # pointy-topped: vertices straight above and below the centre, and at +-30 degrees on the sides
     dx = np.array([0.0, 0.5, 0.5, 0.0, -0.5, -0.5, 0.0]) * pitch
     dy = np.array([-1.0, -0.5, 0.5, 1.0, 0.5, -0.5, -1.0]) * circumradius
-    inside = (cx + 0.5 * pitch > 0) & (cx - 0.5 * pitch < width) & (cy + circumradius > 0) & (cy - circumradius < height)
+    # keep hexagons whose bounding box overlaps the image
+    inside = (np.abs(cx - width / 2) < width / 2 + 0.5 * pitch) & (
+        np.abs(cy - height / 2) < height / 2 + circumradius
+    )
     rows, cols, cx, cy = rows[inside], cols[inside], cx[inside], cy[inside]
     rings = np.stack([cx[:, None] + dx[None], cy[:, None] + dy[None]], axis=-1)
     polygons = shapely.polygons(rings)
@@ -192,12 +196,12 @@ def _centers_in_shapes(sdata: Any, shapes_key: str, image_key: str, centers: np.
     is_point = types == 0
     if is_point.any():
         if "radius" not in shapes.columns:
-            fail(f"shapes {shapes_key!r}", "are points without a 'radius' column", "Parse circles with a radius")
+            fail(f"shapes {shapes_key!r}", "are points without a 'radius' column", "Parse them with a radius")
         xy = shapely.get_coordinates(geoms[is_point])
         radius = shapes["radius"].to_numpy(dtype=float)[is_point]
         hits = cKDTree(points).query_ball_point(xy, radius)
-        hit = np.concatenate([np.asarray(h, dtype=np.int64) for h in hits]) if len(hits) else np.zeros(0, np.int64)
-        keep[hit] = True
+        for hit in hits:
+            keep[np.asarray(hit, dtype=np.int64)] = True
     if (~is_point).any():
         tree = shapely.STRtree(geoms[~is_point])
         hit, _ = tree.query(shapely.points(points), predicate="within")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass
@@ -97,7 +98,9 @@ class PixNetTrainingPlan(L.LightningModule):
     def __init__(self, module, cache: TrainingCache, *, n_slides: int, loss: LossWeights, lr: float,
                  weight_decay: float) -> None:
         super().__init__()
-        self.module = module
+        # only the trainable parts are registered: the frozen encoder stays out of Lightning's train/eval switching
+        self.decoder = module.decoder
+        self.head = module.head
         self.cache_levels = cache.levels
         self.loss_weights = loss
         self.lr, self.weight_decay = lr, weight_decay
@@ -108,7 +111,7 @@ class PixNetTrainingPlan(L.LightningModule):
         self._epoch_terms: dict[str, list[float]] = {}
 
     def configure_optimizers(self):
-        params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("module.encoder.")]
+        params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         return opt
 
@@ -119,7 +122,7 @@ class PixNetTrainingPlan(L.LightningModule):
         return feats
 
     def _loss(self, batch, *, train: bool):
-        lam = self.module.decode(self._features(batch))
+        lam = self.head(self.decoder(self._features(batch)))
         lam = torch.stack([dihedral_inverse(lam[i], d) for i, d in enumerate(batch["dihedral"])])
         pred = integrate_spots(lam, batch)
         mask = batch["train_mask"] if train else ~batch["train_mask"]
@@ -184,7 +187,22 @@ class KeepBest(L.Callback):
         value = float(trainer.callback_metrics["val_loss"])
         if value < self.best:
             self.best, self.best_epoch = value, int(plan.current_epoch)
-            self.state = copy.deepcopy({k: v for k, v in plan.state_dict().items() if ".encoder." not in k})
+            self.state = copy.deepcopy(plan.state_dict())
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """Lightning's start-up notices (accelerator summary, tips) go to DEBUG while pixgene trains."""
+    names = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def train(
@@ -220,21 +238,22 @@ def train(
     )
     keep = KeepBest()
     callbacks = [keep, EarlyStopping("val_loss", patience=patience, mode="min")]
-    trainer = L.Trainer(
-        max_epochs=max_epochs,
-        accelerator="auto",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        deterministic=True,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(plan, train_loader, val_loader)
+    with _quiet_lightning():
+        trainer = L.Trainer(
+            max_epochs=max_epochs,
+            accelerator="auto",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            callbacks=callbacks,
+            deterministic=True,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(plan, train_loader, val_loader)
     if keep.state is not None:
-        plan.load_state_dict({**plan.state_dict(), **keep.state})
+        plan.load_state_dict(keep.state)
     plan.to("cpu")
     eff = (plan.log_efficiency - plan.log_efficiency.mean()).exp().detach().cpu().numpy()
     summary = {

@@ -1,0 +1,97 @@
+"""Scores and gene selection against references computed another way (scipy, scanpy directly)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+
+import pixgene as pg
+from pixgene._validate import PixgeneInputError
+from pixgene.tl._evaluate import score_matrices
+
+
+def test_scores_match_scipy_pearson_and_quantiles():
+    rng = np.random.default_rng(0)
+    true = rng.random((50, 6))
+    pred = true + rng.normal(0, [0.05, 0.2, 0.5, 1.0, 2.0, 0.1], size=(50, 6))
+    pred[:, 5] = 3.0  # constant: no correlation defined
+    s = score_matrices(pred, true, list("abcdef"))
+    ref = np.array([scipy.stats.pearsonr(pred[:, g], true[:, g])[0] for g in range(5)])
+    np.testing.assert_allclose(s.per_gene["pearson"].to_numpy()[:5], ref, rtol=1e-10)
+    assert np.isnan(s.per_gene.loc["f", "pearson"])
+    assert s.summary["PCC@F"] == pytest.approx(np.quantile(ref, 0.25))
+    assert s.summary["PCC@S"] == pytest.approx(np.median(ref))
+    assert s.summary["PCC@M"] == pytest.approx(ref.mean())
+    assert s.summary["MSE"] == pytest.approx(((pred - true) ** 2).mean())
+    assert s.summary["MAE"] == pytest.approx(np.abs(pred - true).mean())
+    assert s.summary["n_genes_scored"] == 5
+
+
+def test_select_genes_mean_and_hvg_match_scanpy(synthetic_small):
+    import scanpy as sc
+
+    table = synthetic_small.tables["table"]
+    genes = pg.pp.select_genes(synthetic_small, n_top=5, flavor="mean", min_fraction=0.0)
+    ref = table.copy()
+    sc.pp.normalize_total(ref, target_sum=1e4)
+    sc.pp.log1p(ref)
+    mean = np.asarray(ref.X.mean(0)).ravel()
+    assert genes == ref.var_names[np.argsort(-mean, kind="stable")[:5]].tolist()
+    assert table.var["pixgene_selected"].sum() == 5
+    assert table.uns["pixgene"]["select_genes"]["genes"] == genes
+
+    hvg = pg.pp.select_genes(synthetic_small, n_top=8, flavor="hvg", min_fraction=0.0)
+    sc.pp.highly_variable_genes(ref, flavor="seurat", n_top_genes=8)
+    # scanpy flags every gene tied at the cut-off; pixgene keeps exactly n_top of them
+    scanpy_set = set(ref.var_names[ref.var["highly_variable"]])
+    cut = np.sort(ref.var["dispersions_norm"].to_numpy())[::-1][7]
+    assert len(hvg) == 8 and set(hvg) <= scanpy_set
+    assert set(ref.var_names[ref.var["dispersions_norm"] > cut]) <= set(hvg)
+
+
+def test_select_genes_on_several_slides_uses_shared_genes(synthetic_small):
+    from spatialdata import deepcopy
+
+    other = deepcopy(synthetic_small)
+    t = other.tables["table"]
+    other.tables["table"] = t[:, t.var_names != "GENE00"].copy()
+    genes = pg.pp.select_genes([synthetic_small, other], n_top=10, flavor="hvg", min_fraction=0.0)
+    assert "GENE00" not in genes and len(genes) == 10
+
+
+def test_select_genes_rejects_bad_arguments(synthetic_small):
+    with pytest.raises(PixgeneInputError, match="flavor"):
+        pg.pp.select_genes(synthetic_small, flavor="variance")
+    with pytest.raises(PixgeneInputError, match="n_top"):
+        pg.pp.select_genes(synthetic_small, n_top=10_000)
+
+
+def test_evaluate_against_measured_normalises_like_scanpy(fitted_session):
+    import anndata as ad
+    import scanpy as sc
+
+    sdata, model = fitted_session
+    if "he_pixgene" not in sdata.images:
+        pg.tl.predict_dense(sdata, model, progress=False)
+    pred = pg.tl.aggregate(sdata, shapes="spots", dense_key="he_pixgene", key_added="spots_eval", overwrite=True)
+    scores = pg.tl.evaluate(sdata, predicted="spots_eval", measured="table", genes=model.genes)
+    measured = sdata.tables["table"]
+    m = measured.copy()
+    sc.pp.normalize_total(m, target_sum=1e4)
+    sc.pp.log1p(m)
+    p = ad.AnnData(pred[:, model.genes].X.copy(), obs=pd.DataFrame(index=pred.obs_names))
+    p.X = p.X * (1e4 / pred.obs["pixgene_total_counts"].to_numpy()[:, None])
+    sc.pp.log1p(p)
+    order = pd.Index(measured.obs["instance_id"].astype(str)).get_indexer(pred.obs["instance_id"].astype(str))
+    mt = np.asarray(m[order][:, model.genes].X.todense() if hasattr(m.X, "todense") else m[order][:, model.genes].X)
+    ref = [scipy.stats.pearsonr(p.X[:, g], mt[:, g])[0] for g in range(len(model.genes))]
+    np.testing.assert_allclose(scores.per_gene["pearson"].to_numpy(), ref, rtol=1e-6)
+    assert sdata.tables["spots_eval"].uns["pixgene"]["evaluation"]["measured:table"]["PCC@M"] == scores.summary["PCC@M"]
+
+
+def test_evaluate_needs_exactly_one_reference(fitted_session):
+    sdata, _ = fitted_session
+    with pytest.raises(PixgeneInputError, match="exactly one reference"):
+        pg.tl.evaluate(sdata, predicted="table")

@@ -1,0 +1,140 @@
+"""PixNet's parts: decoder blocks against references, save/load round trip, tiled vs single-pass prediction."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pixgene._validate import PixgeneInputError  # noqa: E402
+
+
+def test_import_pixgene_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, pixgene as pg; pg.io; pg.pp; pg.tl; pg.pl; pg.datasets; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_window_attention_matches_explicit_per_window_softmax():
+    from pixgene.nn._decoder import WindowAttention
+
+    torch.manual_seed(0)
+    attn = WindowAttention(6, 4, heads=2, window=4).eval()
+    x = torch.randn(1, 6, 8, 12)
+    out = attn(x).detach().numpy()
+    qkv = attn.qkv(x).detach().numpy()[0]  # (12, 8, 12)
+    q, k, v = qkv[:4], qkv[4:8], qkv[8:]
+    ref = np.zeros((4, 8, 12))
+    for wy in range(2):
+        for wx in range(3):
+            rows, cols = slice(4 * wy, 4 * wy + 4), slice(4 * wx, 4 * wx + 4)
+            for h in range(2):
+                ch = slice(2 * h, 2 * h + 2)
+                Q = q[ch][:, rows, cols].reshape(2, -1).T
+                K = k[ch][:, rows, cols].reshape(2, -1).T
+                V = v[ch][:, rows, cols].reshape(2, -1).T
+                a = Q @ K.T / np.sqrt(2)
+                a = np.exp(a - a.max(1, keepdims=True))
+                a /= a.sum(1, keepdims=True)
+                ref[ch, 4 * wy : 4 * wy + 4, 4 * wx : 4 * wx + 4] = (a @ V).T.reshape(2, 4, 4)
+    proj = torch.nn.functional.conv2d(torch.from_numpy(ref[None]).float(), attn.proj.weight, attn.proj.bias)
+    skip = attn.skip(x)
+    np.testing.assert_allclose(out, (skip + proj).detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("block", ["fusion", "conv"])
+def test_decoder_output_is_non_negative_at_output_stride(block):
+    from pixgene.nn import build_encoder
+    from pixgene.nn._pixnet import PixNetModule
+
+    enc = build_encoder("efficientnet_lite0")
+    module = PixNetModule(enc, 3, width=16, out_stride=4, block=block).eval()
+    for size in (128, 256):
+        with torch.no_grad():
+            lam = module(torch.rand(2, 3, size, size))
+        assert lam.shape == (2, 3, size // 4, size // 4)
+        assert float(lam.min()) >= 0
+
+
+def test_overlap_matrix_conserves_integrals():
+    from pixgene.tl._predict import overlap_matrix
+
+    rng = np.random.default_rng(0)
+    values = rng.random(12)  # piecewise constant on 12 cells of 4 um from 0 um
+    R = overlap_matrix(7, 2.0, 6.0, 12, 0.0, 4.0)  # 7 cells of 6 um from 2 um: [2, 44] inside [0, 48]
+    out = R @ values
+    fine = np.repeat(values, 400)  # 0.01 um samples
+    ref = np.array([fine[int((2 + 6 * k) * 100) : int((8 + 6 * k) * 100)].mean() for k in range(7)])
+    np.testing.assert_allclose(out, ref, rtol=1e-9)
+
+
+def test_save_load_round_trip_gives_identical_predictions(fitted_session, tmp_path):
+    from pixgene.tl import PixNet
+
+    _, model = fitted_session
+    model.save(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["genes"] == model.genes and config["model_id"] == model.model_id
+    loaded = PixNet.load(tmp_path / "m")
+    assert loaded.model_id == model.model_id
+    assert not loaded.module.training
+    tile = np.random.default_rng(1).random((3, 128, 128)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.predict_intensity(tile), model.predict_intensity(tile))
+
+
+def test_save_refuses_to_overwrite_and_load_detects_tampering(fitted_session, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pixgene.tl import PixNet
+
+    _, model = fitted_session
+    model.save(tmp_path / "m")
+    with pytest.raises(PixgeneInputError, match="overwrite=True"):
+        model.save(tmp_path / "m")
+    model.save(tmp_path / "m", overwrite=True)
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    key = next(iter(state))
+    state[key] = state[key] + 1
+    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(PixgeneInputError, match="model_id"):
+        PixNet.load(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(PixgeneInputError, match="model.safetensors is missing"):
+        PixNet.load(tmp_path / "m")
+
+
+def test_same_seed_same_model(synthetic_small):
+    import pixgene as pg
+    from conftest import FIT_GENES
+
+    kwargs = dict(genes=FIT_GENES[:3], max_epochs=1, n_views=1, width=16, progress=False, random_state=7)
+    a = pg.tl.fit(synthetic_small, **kwargs)
+    b = pg.tl.fit(synthetic_small, **kwargs)
+    assert a.model_id == b.model_id
+    assert a.history == b.history
+
+
+def test_tiled_prediction_equals_single_pass(fitted_session):
+    """Chunks read with a halo and aligned to the attention windows reproduce one pass over the whole image."""
+    import pixgene as pg
+    from pixgene._raster import full_resolution
+    from pixgene.data._reader import SlideReader
+
+    sdata, model = fitted_session
+    el = pg.tl.predict_dense(sdata, model, key_added="tiled", chunk_px=32, halo_px=512, skip_background=False,
+                             progress=False)
+    tiled = np.asarray(full_resolution(el).values)
+    reader = SlideReader(sdata.images["he"], image_um=1.0, target_um=model.encoder_um_per_px)
+    pad = 512
+    H, W = reader.shape
+    whole = model.predict_intensity(reader.read(-pad, -pad, W + 2 * pad, H + 2 * pad))
+    s = pad // model.out_stride
+    whole = whole[:, s : s + tiled.shape[1], s : s + tiled.shape[2]]
+    rel = np.abs(tiled - whole).max() / np.abs(whole).max()
+    assert rel < 1e-3

@@ -1,0 +1,126 @@
+"""Every bad input is refused before any work, with a message naming the element, the problem and the fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import pixgene as pg
+from pixgene._validate import PixgeneInputError
+
+GENES = ["GENE00", "GENE01"]
+
+
+def _fit(sdata, **kw):
+    return pg.tl.fit(sdata, genes=kw.pop("genes", GENES), max_epochs=1, n_views=1, width=16, progress=False, **kw)
+
+
+def _elements(sdata):
+    return {k: list(getattr(sdata, k)) for k in ("images", "shapes", "tables")}, dict(sdata.attrs)
+
+
+def test_image_without_three_colour_channels(synthetic_small):
+    from spatialdata.models import Image2DModel
+
+    he = synthetic_small.images["he"]
+    synthetic_small.images["he"] = Image2DModel.parse(
+        np.concatenate([he.values, he.values[:1]]), dims=("c", "y", "x"), c_coords=list("rgba")
+    )
+    with pytest.raises(PixgeneInputError, match=r"image 'he'.*4 channel\(s\).*RGB"):
+        _fit(synthetic_small)
+
+
+def test_spots_outside_the_image(synthetic_small):
+    from spatialdata.transformations import Translation, set_transformation
+
+    set_transformation(synthetic_small.shapes["spots"], Translation([5000.0, 0.0], axes=("x", "y")), "global")
+    with pytest.raises(PixgeneInputError, match=r"shapes 'spots'.*outside image 'he'.*transformations"):
+        _fit(synthetic_small)
+
+
+def test_table_not_linked_to_the_spots(synthetic_small):
+    table = synthetic_small.tables["table"]
+    table.uns["spatialdata_attrs"]["region"] = "cells"
+    table.obs["region"] = table.obs["region"].cat.rename_categories(["cells"])
+    with pytest.raises(PixgeneInputError, match=r"table 'table'.*does not annotate the shapes 'spots'.*region="):
+        _fit(synthetic_small)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda x: x * -1.0, "negative"),
+        (lambda x: np.where(x > 3, np.nan, x), "NaN or infinite"),
+        (lambda x: np.log1p(x), "normalised or log-transformed"),
+    ],
+)
+def test_counts_that_are_not_raw(synthetic_small, change, message):
+    table = synthetic_small.tables["table"]
+    table.X = sp.csr_matrix(change(table.X.toarray()))
+    with pytest.raises(PixgeneInputError, match=rf"table 'table'.*{message}"):
+        _fit(synthetic_small)
+
+
+def test_requested_genes_missing(synthetic_small):
+    with pytest.raises(PixgeneInputError, match=r"table 'table'.*missing, e.g. \['NOPE'\].*var_names"):
+        _fit(synthetic_small, genes=["GENE00", "NOPE"])
+
+
+def test_empty_gene_list(synthetic_small):
+    with pytest.raises(PixgeneInputError, match="gene list is empty"):
+        _fit(synthetic_small, genes=[])
+
+
+def test_no_genes_and_none_selected(synthetic_small):
+    with pytest.raises(PixgeneInputError, match="select_genes"):
+        _fit(synthetic_small, genes=None)
+
+
+def test_um_per_px_neither_given_nor_derivable(synthetic_small):
+    synthetic_small.attrs["pixgene"]["um_per_px"].pop("he")
+    synthetic_small.tables["table"].uns["pixgene"].pop("spot_diameter_um")
+    with pytest.raises(PixgeneInputError, match=r"image 'he'.*microns per pixel.*um_per_px="):
+        _fit(synthetic_small)
+
+
+def test_um_per_px_derived_from_spot_diameter(synthetic_small):
+    from pixgene._units import resolve_um_per_px
+
+    synthetic_small.attrs["pixgene"]["um_per_px"].pop("he")
+    assert resolve_um_per_px(synthetic_small, "he", shapes_key="spots", table_key="table") == pytest.approx(1.0)
+
+
+def test_existing_outputs_are_not_replaced(fitted_session):
+    sdata, model = fitted_session
+    if "he_pixgene" not in sdata.images:
+        pg.tl.predict_dense(sdata, model, progress=False)
+    before = _elements(sdata)
+    with pytest.raises(PixgeneInputError, match=r"image 'he_pixgene'.*already exists.*overwrite=True"):
+        pg.tl.predict_dense(sdata, model, progress=False)
+    sdata.tables["spots_pixgene"] = sdata.tables["table"]
+    try:
+        with pytest.raises(PixgeneInputError, match=r"'spots_pixgene'.*already exists.*overwrite=True"):
+            pg.tl.aggregate(sdata, shapes="spots", dense_key="he_pixgene")
+    finally:
+        del sdata.tables["spots_pixgene"]
+    assert _elements(sdata) == before
+
+
+def test_predict_without_a_model(synthetic_small):
+    with pytest.raises(PixgeneInputError, match=r"model.*pg.tl.fit"):
+        pg.tl.predict_dense(synthetic_small)
+
+
+def test_bad_input_leaves_the_store_untouched(synthetic_small, tmp_path):
+    import spatialdata as sd
+
+    path = tmp_path / "s.zarr"
+    synthetic_small.write(path)
+    backed = sd.read_zarr(path)
+    listing = sorted(p.relative_to(path).as_posix() for p in path.rglob("*"))
+    with pytest.raises(PixgeneInputError):
+        _fit(backed, genes=["NOPE"])
+    with pytest.raises(PixgeneInputError):
+        pg.tl.predict_dense(backed, key_added="he")
+    assert sorted(p.relative_to(path).as_posix() for p in path.rglob("*")) == listing
