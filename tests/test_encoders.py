@@ -469,6 +469,26 @@ def test_flops_per_pixel_matches_a_layer_by_layer_count(lite0):
         encoder_flops_per_pixel(lite0, size=100)
 
 
+def test_dropping_an_encoder_frees_it_even_on_first_timm_import():
+    """The first ``import timm`` keeps frames alive; they must not pin the model (fresh process)."""
+    script = textwrap.dedent(
+        """
+        import gc, weakref
+        gc.disable()  # only reference counting: a pinned model stays alive
+        from pixgene.nn._encoders import build_encoder
+        encoder = build_encoder("uni2", weights=None, depth=2, embed_dim=48, num_heads=2)
+        ref = weakref.ref(encoder.body)
+        del encoder
+        print(ref() is None)
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "True"
+
+
 # ------------------------------------------------------------------------------------------------------
 # full-size UNI2-h architecture
 

@@ -435,14 +435,22 @@ def build_encoder(
     -------
     An :class:`Encoder` in eval mode with every parameter frozen (see :meth:`Encoder.set_trainable`).
     """
-    # the first ``import timm`` leaves a stored traceback whose frames reach this one; keeping the model out of
-    # this frame's locals (it lives in _build's) stops that traceback from pinning gigabytes of weights
+    # the first ``import timm`` leaves frames alive that reach this one through f_back; keeping the model out
+    # of this frame's locals (it lives in _build's) stops them from pinning gigabytes of weights
     timm = _timm()
-    return _build(timm, name, weights=weights, um_per_px=um_per_px, out_indices=out_indices, overrides=overrides)
+    return _build(
+        timm, name, weights=weights, um_per_px=um_per_px, out_indices=out_indices, overrides=overrides
+    )
 
 
 def _build(
-    timm: Any, name: str, *, weights: Any, um_per_px: float | None, out_indices: Any, overrides: dict[str, Any]
+    timm: Any,
+    name: str,
+    *,
+    weights: Any,
+    um_per_px: float | None,
+    out_indices: Any,
+    overrides: dict[str, Any],
 ) -> Encoder:
     entry, family, um = _resolve(name, um_per_px, overrides)
     source = _check_weights_arg(name, weights)

@@ -107,7 +107,8 @@ def aggregate(
     if int(block_px) < 1:
         fail("aggregate", f"block_px={block_px!r} is not a positive integer", "Pass block_px >= 1")
     key_added = readout_key(shapes) if key_added is None else key_added
-    check_not_exists(sdata, key_added, overwrite)
+    if inplace:
+        check_not_exists(sdata, key_added, overwrite)
     um_per_px = _map_um_per_px(sdata, dense_key, image_key)
     channels = [str(c) for c in dense.coords["c"].values]
     if not any(c != TOTAL_CHANNEL for c in channels):

@@ -131,7 +131,7 @@ def evaluate(
         from ._aggregate import aggregate
 
         region = attrs.get("region")
-        ref_rows = aggregate(sdata, shapes=region, dense_key=truth, key_added=f"{region}_{truth}", inplace=False)
+        ref_rows = aggregate(sdata, shapes=region, dense_key=truth, inplace=False, progress=False)
         ref_total = ref_rows.obs[TOTAL_OBS].to_numpy() if TOTAL_OBS in ref_rows.obs else None
         pred_rows = pred_table
         label = f"truth:{truth}"
