@@ -118,23 +118,3 @@ def test_same_seed_same_model(synthetic_small):
     b = pg.tl.fit(synthetic_small, **kwargs)
     assert a.model_id == b.model_id
     assert a.history == b.history
-
-
-def test_tiled_prediction_equals_single_pass(fitted_session):
-    """Chunks read with a halo and aligned to the attention windows reproduce one pass over the whole image."""
-    import pixgene as pg
-    from pixgene._raster import full_resolution
-    from pixgene.data._reader import SlideReader
-
-    sdata, model = fitted_session
-    el = pg.tl.predict_dense(sdata, model, key_added="tiled", chunk_px=32, halo_px=512, skip_background=False,
-                             progress=False)
-    tiled = np.asarray(full_resolution(el).values)
-    reader = SlideReader(sdata.images["he"], image_um=1.0, target_um=model.encoder_um_per_px)
-    pad = 512
-    H, W = reader.shape
-    whole = model.predict_intensity(reader.read(-pad, -pad, W + 2 * pad, H + 2 * pad))
-    s = pad // model.out_stride
-    whole = whole[:, s : s + tiled.shape[1], s : s + tiled.shape[2]]
-    rel = np.abs(tiled - whole).max() / np.abs(whole).max()
-    assert rel < 1e-3

@@ -58,7 +58,7 @@ def fit(
     likelihood: str = "nb",
     loss_weights: dict | None = None,
     val_fraction: float = 0.1,
-    max_epochs: int = 60,
+    max_epochs: int = 30,
     patience: int = 10,
     batch_size: int = 8,
     lr: float = 2e-3,

@@ -52,7 +52,11 @@ def make_collate(cache: TrainingCache):
     slides = cache.slides
 
     def collate(items):
-        feats = [torch.stack([f[t, v] for t, v in items]).float() for f in cache.features]
+        # channels-last is the layout oneDNN's CPU convolutions (depthwise above all) run fastest in
+        feats = [
+            torch.stack([f[t, v] for t, v in items]).float().contiguous(memory_format=torch.channels_last)
+            for f in cache.features
+        ]
         spot_offset = 0
         nnz_b, nnz_row, nnz_col, nnz_w = [], [], [], []
         counts, slide_idx, train_mask, dihedrals = [], [], [], []
@@ -225,6 +229,8 @@ def train(
     from lightning.pytorch.callbacks import EarlyStopping
 
     L.seed_everything(seed, workers=True, verbose=False)
+    module.decoder.to(memory_format=torch.channels_last)
+    module.head.to(memory_format=torch.channels_last)
     plan = PixNetTrainingPlan(module, cache, n_slides=n_slides, loss=loss, lr=lr, weight_decay=weight_decay)
     tiles = np.arange(cache.n_tiles)
     has_val = np.array(
@@ -257,6 +263,8 @@ def train(
     if keep.state is not None:
         plan.load_state_dict(keep.state)
     plan.to("cpu")
+    module.decoder.to(memory_format=torch.contiguous_format)
+    module.head.to(memory_format=torch.contiguous_format)
     eff = (plan.log_efficiency - plan.log_efficiency.mean()).exp().detach().cpu().numpy()
     summary = {
         "best_epoch": keep.best_epoch,

@@ -1,0 +1,67 @@
+"""Fit on her2st C2, C3, C4 and score the held-out section C5 (spots vs measured counts).
+
+Genes: the top-50 highly variable genes of the training sections only. Everything else is the library's
+defaults (no setting is chosen on C5). Prints a table and writes benchmarks/results/her2st_holdout.json.
+
+    python benchmarks/her2st_holdout.py [--train C2 C3 C4] [--test C5] [--n-genes 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+
+import pixgene as pg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--train", nargs="+", default=["C2", "C3", "C4"])
+    parser.add_argument("--test", default="C5")
+    parser.add_argument("--n-genes", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "her2st_holdout.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    t0 = time.perf_counter()
+    train = [pg.datasets.her2st(s) for s in args.train]
+    test = pg.datasets.her2st(args.test)
+    t_read = time.perf_counter() - t0
+
+    genes = pg.pp.select_genes(train, n_top=args.n_genes, flavor="hvg")
+    t1 = time.perf_counter()
+    model = pg.tl.fit(train, genes=genes, random_state=args.seed)
+    t_fit = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    pg.tl.predict_dense(test, model, um_per_px=4.0)
+    pg.tl.aggregate(test, shapes="spots")
+    t_predict = time.perf_counter() - t2
+    scores = pg.tl.evaluate(test, predicted="spots_pixgene", measured="table", genes=genes)
+    total = time.perf_counter() - t0
+
+    s = scores.summary
+    print(f"\nher2st: train {'+'.join(args.train)}, test {args.test}, {len(genes)} HVG, model {model.model_id}")
+    print("PCC@F   PCC@S   PCC@M   MSE     MAE     fit_s  predict_s  total_s")
+    print(f"{s['PCC@F']:.3f}   {s['PCC@S']:.3f}   {s['PCC@M']:.3f}   {s['MSE']:.4f}  {s['MAE']:.4f}  "
+          f"{t_fit:5.0f}  {t_predict:9.0f}  {total:7.0f}")
+    result = {
+        "train": args.train, "test": args.test, "genes": genes, "seed": args.seed, "model_id": model.model_id,
+        "scores": s, "per_gene_pearson": scores.per_gene["pearson"].round(4).to_dict(),
+        "timings_s": {"read": round(t_read, 1), "fit": round(t_fit, 1), "predict_and_aggregate": round(t_predict, 1),
+                      "total": round(total, 1)},
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+        "training": {k: model.training[k] for k in ("best_epoch", "epochs_run", "n_tiles", "capture_efficiency")},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

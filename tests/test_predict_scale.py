@@ -1,0 +1,266 @@
+"""Out-of-core dense prediction: tiling exactness, resuming, skipped background, float16, distributed, CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import pixgene as pg
+from pixgene._raster import full_resolution
+
+#: a cheap configuration for the tests that compare two runs of the same settings (not tiling exactness)
+FAST = {"chunk_px": 40, "halo_px": 64, "progress": False}
+
+
+def _model(block: str = "conv", width: int = 8, genes=("A", "B", "C")):
+    """An untrained PixNet on the bundled encoder, its outputs scaled to a realistic ~1e-2 counts per um^2."""
+    import torch
+
+    from pixgene.nn._encoders import build_encoder
+    from pixgene.tl._model import PixNet, build_module
+
+    encoder = build_encoder("efficientnet_lite0", weights="default")
+    config = encoder.config()
+    decoder = {"width": width, "out_stride": 4, "block": block}
+    torch.manual_seed(0)
+    n = len(genes) + 1
+    module = build_module(config, "default", n_outputs=n, decoder_config=decoder, encoder=encoder)
+    module.head.set_scale(torch.full((n,), 1e-2))
+    return PixNet(module, genes=list(genes), encoder_config=config, encoder_weights="default",
+                  decoder_config=decoder)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
+
+
+class CountingCalls:
+    """Replaces ``model.predict_intensity`` on the instance; counts calls and can fail at a given call."""
+
+    def __init__(self, model, fail_at: int | None = None) -> None:
+        self.model, self.fail_at, self.calls = model, fail_at, 0
+        self.original = model.predict_intensity
+
+    def __call__(self, tiles):
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise RuntimeError("interrupted on purpose")
+        self.calls += 1
+        return self.original(tiles)
+
+    def __enter__(self):
+        self.model.predict_intensity = self
+        return self
+
+    def __exit__(self, *exc):
+        vars(self.model).pop("predict_intensity", None)
+
+
+def _backed(sdata, path):
+    import spatialdata as sd
+
+    sd.deepcopy(sdata).write(path)  # writing would bind ``sdata`` itself to the store
+    return sd.read_zarr(path)
+
+
+def _values(element) -> np.ndarray:
+    return np.asarray(full_resolution(element).values)
+
+
+def test_tiled_map_equals_one_pass_within_1e4(fitted_session):
+    """Chunks read with the measured halo and cropped equal one pass over the whole white-padded image."""
+    from pixgene.data._reader import SlideReader
+    from pixgene.tl._predict import tiling_halo
+
+    sdata, model = fitted_session
+    halo, edge_error = tiling_halo(model)
+    assert halo % model.alignment == 0 and edge_error < 1e-4
+    # 80 output px = 320 encoder px: 2 x 2 chunks whose edges do not fall on the alignment grid
+    el = pg.tl.predict_dense(sdata, model, key_added="tiled_1e4", chunk_px=80, skip_background=False,
+                             scale_factors=None, progress=False)
+    tiled = _values(el)
+    assert sdata.attrs["pixgene"]["dense"]["tiled_1e4"]["halo_px"] == halo
+    reader = SlideReader(sdata.images["he"], image_um=1.0, target_um=model.encoder_um_per_px)
+    pad = 768  # a multiple of the alignment, far beyond the receptive field
+    H, W = reader.shape
+    whole = model.predict_intensity(reader.read(-pad, -pad, W + 2 * pad, H + 2 * pad))
+    s = pad // model.out_stride
+    whole = whole[:, s : s + tiled.shape[1], s : s + tiled.shape[2]]
+    rel = np.abs(tiled - whole).max() / np.abs(whole).max()
+    assert rel < 1e-4
+    del sdata.images["tiled_1e4"]
+
+
+def test_halo_is_measured_once_per_model(model):
+    from pixgene.tl._predict import edge_error_profile, tiling_halo
+
+    with CountingCalls(model) as counter:
+        halo, err = tiling_halo(model)
+        first = counter.calls
+        assert tiling_halo(model) == (halo, err)
+        assert counter.calls == first == 2
+    profile = edge_error_profile(model)
+    assert np.all(np.diff(profile) <= 0)
+    s = model.out_stride
+    # the chosen halo is the first aligned distance where the profile is 4x under the tolerance
+    assert profile[halo // s] <= 2.5e-5 and (halo == 0 or profile[(halo - model.alignment) // s] > 2.5e-5)
+
+
+def test_background_chunks_are_zero_and_never_computed(model, synthetic_small):
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import get_transformation
+
+    from pixgene.tl._predict import chunk_blocks
+
+    he = synthetic_small.images["he"]
+    glass = np.asarray(he.values).copy()
+    glass[:, 320:, 320:] = 255  # a quarter of the slide is bare glass: 4 of the 16 chunks at least
+    synthetic_small.images["he"] = Image2DModel.parse(glass, dims=("c", "y", "x"),
+                                                      transformations=get_transformation(he, get_all=True))
+    with CountingCalls(model) as counter:
+        skipped = _values(pg.tl.predict_dense(synthetic_small, model, key_added="skip", **FAST))
+    meta = synthetic_small.attrs["pixgene"]["dense"]["skip"]["chunks"]
+    assert meta["background"] >= 4 and counter.calls == meta["tissue"]
+    everything = pg.tl.predict_dense(synthetic_small, model, key_added="all", skip_background=False, **FAST)
+    full = _values(everything)
+    n_zero = 0
+    for oy0, oy1, ox0, ox1 in chunk_blocks(full.shape[1:], FAST["chunk_px"]):
+        block = skipped[:, oy0:oy1, ox0:ox1]
+        if np.all(block == 0):
+            n_zero += 1
+        else:
+            np.testing.assert_array_equal(block, full[:, oy0:oy1, ox0:ox1])
+    assert n_zero == meta["background"] and full.min() > 0
+
+
+def test_float16_map_is_close_to_float32(model, synthetic_small):
+    f32 = _values(pg.tl.predict_dense(synthetic_small, model, key_added="f32", **FAST))
+    el = pg.tl.predict_dense(synthetic_small, model, key_added="f16", dtype="float16", **FAST)
+    assert full_resolution(el).dtype == np.float16
+    f16 = _values(el).astype(np.float32)
+    tissue = f32 > 0
+    assert tissue.mean() > 0.3 and np.all(f16[~tissue] == 0)
+    # half precision keeps 11 significant bits: relative rounding of at most 2^-11
+    np.testing.assert_allclose(f16[tissue], f32[tissue], rtol=2.0**-11, atol=0)
+
+
+def test_interrupted_run_resumes_without_recomputing(model, synthetic_small, tmp_path):
+    import spatialdata as sd
+
+    ref = _backed(synthetic_small, tmp_path / "ref.zarr")
+    reference = _values(pg.tl.predict_dense(ref, model, **FAST))
+    n_tissue = ref.attrs["pixgene"]["dense"]["he_pixgene"]["chunks"]["tissue"]
+    path = tmp_path / "slide.zarr"
+    backed = _backed(synthetic_small, path)
+    with CountingCalls(model, fail_at=4), pytest.raises(RuntimeError, match="on purpose"):
+        pg.tl.predict_dense(backed, model, **FAST)
+    partial = tmp_path / "slide.zarr.pixgene-partial" / "he_pixgene"
+    assert len(list((partial / "done").iterdir())) == 4
+    assert "he_pixgene" not in backed.images and "he_pixgene" not in sd.read_zarr(path).images
+    with CountingCalls(model) as counter:
+        resumed = pg.tl.predict_dense(backed, model, **FAST)
+    assert counter.calls == n_tissue - 4
+    np.testing.assert_array_equal(_values(resumed), reference)
+    np.testing.assert_array_equal(_values(sd.read_zarr(path).images["he_pixgene"]), reference)
+    assert not partial.parent.exists()
+
+
+def test_changed_parameters_discard_the_partial_map(model, synthetic_small, tmp_path):
+    backed = _backed(synthetic_small, tmp_path / "slide.zarr")
+    with CountingCalls(model, fail_at=3), pytest.raises(RuntimeError):
+        pg.tl.predict_dense(backed, model, **FAST)
+    with CountingCalls(model) as counter:
+        out = pg.tl.predict_dense(backed, model, **{**FAST, "halo_px": 96})
+    assert counter.calls == backed.attrs["pixgene"]["dense"]["he_pixgene"]["chunks"]["tissue"]
+    fresh = pg.tl.predict_dense(synthetic_small, model, **{**FAST, "halo_px": 96})
+    np.testing.assert_array_equal(_values(out), _values(fresh))
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_to_the_same_map(model, synthetic_small, tmp_path):
+    """SIGKILL in the middle of a run (no cleanup at all), then a new process finishes it."""
+    import spatialdata as sd
+
+    model_dir = tmp_path / "model"
+    model.save(model_dir)
+    reference = _values(pg.tl.predict_dense(_backed(synthetic_small, tmp_path / "ref.zarr"), model, **FAST))
+    path = tmp_path / "slide.zarr"
+    _backed(synthetic_small, path)
+    script = textwrap.dedent(f"""
+        import os, signal
+        import spatialdata as sd
+        import pixgene as pg
+        model = pg.tl.PixNet.load({str(model_dir)!r})
+        original, calls = model.predict_intensity, []
+        def dying(tiles):
+            if len(calls) == 5:
+                os.kill(os.getpid(), signal.SIGKILL)
+            calls.append(1)
+            return original(tiles)
+        model.predict_intensity = dying
+        pg.tl.predict_dense(sd.read_zarr({str(path)!r}), model, **{FAST!r})
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    partial = tmp_path / "slide.zarr.pixgene-partial" / "he_pixgene"
+    assert len(os.listdir(partial / "done")) == 5
+    loaded = pg.tl.PixNet.load(model_dir)
+    with CountingCalls(loaded) as counter:
+        pg.tl.predict_dense(sd.read_zarr(path), loaded, **FAST)
+    n_tissue = sd.read_zarr(path).attrs["pixgene"]["dense"]["he_pixgene"]["chunks"]["tissue"]
+    assert counter.calls == n_tissue - 5
+    np.testing.assert_array_equal(_values(sd.read_zarr(path).images["he_pixgene"]), reference)
+
+
+@pytest.mark.slow
+def test_distributed_equals_local(model, synthetic_small, tmp_path):
+    from distributed import Client, LocalCluster
+
+    backed = _backed(synthetic_small, tmp_path / "cluster.zarr")
+    local = _values(pg.tl.predict_dense(_backed(synthetic_small, tmp_path / "local.zarr"), model, **FAST))
+    in_memory = _values(pg.tl.predict_dense(synthetic_small, model, **FAST))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        with CountingCalls(model) as counter:  # the workers run their own copies, never this one
+            distributed = _values(pg.tl.predict_dense(backed, model, **FAST))
+        assert counter.calls == 0
+        workers_ran = client.run(lambda: True)
+    assert len(workers_ran) == 2
+    np.testing.assert_array_equal(distributed, local)
+    np.testing.assert_array_equal(in_memory, local)
+
+
+def test_cli_predict_on_an_image_file(model, synthetic_small, tmp_path, capsys):
+    import spatialdata as sd
+    from PIL import Image
+
+    from pixgene.cli import main
+
+    rgb = np.asarray(synthetic_small.images["he"].values)[:, :256, :320]
+    image_file = tmp_path / "slide.png"
+    Image.fromarray(np.moveaxis(rgb, 0, -1)).save(image_file)
+    model_dir = tmp_path / "model"
+    model.save(model_dir)
+    out = tmp_path / "out.zarr"
+    code = main(["predict", "--model", str(model_dir), "--image", str(image_file), "--out", str(out),
+                 "--image-um-per-px", "1.0", "--um-per-px", "4"])
+    assert code == 0
+    assert "predicting dense map" in capsys.readouterr().err  # the progress bar
+    written = sd.read_zarr(out)
+    got = _values(written.images["he_pixgene"])
+    assert got.shape == (len(model.outputs), 64, 80)
+    from spatialdata.models import Image2DModel
+
+    same = sd.SpatialData(images={"he": Image2DModel.parse(rgb, dims=("c", "y", "x"))})
+    from pixgene._units import record_um_per_px
+
+    record_um_per_px(same, "he", 1.0)
+    expected = _values(pg.tl.predict_dense(same, pg.tl.PixNet.load(model_dir), progress=False))
+    np.testing.assert_array_equal(got, expected)
+    assert written.attrs["pixgene"]["dense"]["he_pixgene"]["model_id"] == model.model_id
