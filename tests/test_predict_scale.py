@@ -73,33 +73,46 @@ def _values(element) -> np.ndarray:
     return np.asarray(full_resolution(element).values)
 
 
-def test_tiled_map_equals_one_pass_within_1e4(fitted_session):
-    """Chunks read with the measured halo and cropped equal one pass over the whole white-padded image."""
+def _tiled_vs_one_pass(sdata, model, key: str) -> float:
+    """Relative max difference between predict_dense (default halo, 2 x 2 chunks) and one whole-image pass."""
     from pixgene.data._reader import SlideReader
     from pixgene.tl._predict import tiling_halo
 
-    sdata, model = fitted_session
     halo, edge_error = tiling_halo(model)
     assert halo % model.alignment == 0 and edge_error < 1e-4
-    # 80 output px = 320 encoder px: 2 x 2 chunks whose edges do not fall on the alignment grid
-    el = pg.tl.predict_dense(sdata, model, key_added="tiled_1e4", chunk_px=80, skip_background=False,
+    # 80 output px = 320 encoder px: chunk edges that do not all fall on the alignment grid
+    el = pg.tl.predict_dense(sdata, model, key_added=key, chunk_px=80, skip_background=False,
                              scale_factors=None, progress=False)
     tiled = _values(el)
-    assert sdata.attrs["pixgene"]["dense"]["tiled_1e4"]["halo_px"] == halo
+    assert sdata.attrs["pixgene"]["dense"][key]["halo_px"] == halo
     reader = SlideReader(sdata.images["he"], image_um=1.0, target_um=model.encoder_um_per_px)
-    pad = 768  # a multiple of the alignment, far beyond the receptive field
+    pad = halo + 2 * model.alignment  # white glass around the slide, as the tiles see it
     H, W = reader.shape
     whole = model.predict_intensity(reader.read(-pad, -pad, W + 2 * pad, H + 2 * pad))
     s = pad // model.out_stride
     whole = whole[:, s : s + tiled.shape[1], s : s + tiled.shape[2]]
-    rel = np.abs(tiled - whole).max() / np.abs(whole).max()
-    assert rel < 1e-4
-    del sdata.images["tiled_1e4"]
+    return float(np.abs(tiled - whole).max() / np.abs(whole).max())
+
+
+def test_tiled_map_equals_one_pass_within_1e4(model, synthetic_small):
+    """Chunks read with the measured halo and cropped equal one pass over the whole white-padded image."""
+    assert _tiled_vs_one_pass(synthetic_small, model, "tiled") < 1e-4
+
+
+@pytest.mark.slow
+def test_tiled_map_of_the_default_architecture_equals_one_pass(fitted_session):
+    """The same with a fitted model of the default architecture (fusion decoder, 128 px alignment)."""
+    sdata, model = fitted_session
+    try:
+        assert _tiled_vs_one_pass(sdata, model, "tiled_fusion") < 1e-4
+    finally:
+        del sdata.images["tiled_fusion"]
 
 
 def test_halo_is_measured_once_per_model(model):
     from pixgene.tl._predict import edge_error_profile, tiling_halo
 
+    vars(model).pop("_tiling_halo_cache", None)  # measured afresh here, whatever ran before
     with CountingCalls(model) as counter:
         halo, err = tiling_halo(model)
         first = counter.calls

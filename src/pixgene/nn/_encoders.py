@@ -724,7 +724,7 @@ def _read_state_dict(path: Path, *, what: str) -> dict[str, torch.Tensor]:
             raw = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:
             # legacy (non-zip) torch files cannot be memory-mapped
-            raw = _torch_load(path, what)
+            raw = _load_tensor_file(path, what)
         except Exception as err:
             _reject_pickle(what, err)
     state = _unwrap(raw)
@@ -738,7 +738,7 @@ def _read_state_dict(path: Path, *, what: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _torch_load(path: Path, what: str) -> Any:
+def _load_tensor_file(path: Path, what: str) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:
