@@ -11,7 +11,7 @@ Sections (each printed as a table; all numbers go to benchmarks/results/scale.js
    4,000 x 4,000 x 50-gene map with 5,000 polygons, side by side: values and time.
 5. pixgene alone: 1,000,000 cell polygons and 2 um bins over the dense map of the 20,000^2 px slide.
 
-    python benchmarks/scale.py [--workdir DIR] [--quick]
+    python benchmarks/scale.py [--workdir DIR] [--quick] [--sections tiling slides versus readout]
 
 ``--quick`` runs everything at small sizes (a smoke test of the script, not numbers to report).
 """
@@ -35,7 +35,8 @@ import numpy as np
 RESULTS = Path(__file__).parent / "results"
 SLIDE_UM = 0.5  # microns per slide pixel (a 20x scan)
 N_GENES = 50
-DECODER = {"width": 16, "out_stride": 8, "block": "fusion"}
+SECTIONS = ("tiling", "slides", "versus", "readout")
+DECODER = {"width": 48, "out_stride": 4, "block": "fusion"}  # pg.tl.fit's defaults
 #: tissue islands: (centre x, centre y, radius x, radius y) as fractions of the slide's side
 ISLANDS = [(0.33, 0.4, 0.17, 0.21), (0.7, 0.68, 0.14, 0.16), (0.74, 0.24, 0.09, 0.07)]
 
@@ -46,7 +47,38 @@ log = logging.getLogger("scale")
 
 
 def peak_rss_gb() -> float:
+    """This process's peak resident memory: VmHWM of its own address space.
+
+    Not ``ru_maxrss``: Linux carries that over ``execve`` from the forked copy of the parent, so a child of a
+    large parent would report the parent's size.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def run_polled(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """Run a child process, sampling its resident memory every 0.1 s; returns (result, peak RSS in GB)."""
+    import tempfile
+
+    import psutil
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        proc, peak = psutil.Process(child.pid), 0
+        while child.poll() is None:
+            try:
+                peak = max(peak, proc.memory_info().rss)
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.1)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, child.wait(), out.read(), err.read()), peak / 1e9
 
 
 def timed(fn, *args, **kwargs):
@@ -56,7 +88,7 @@ def timed(fn, *args, **kwargs):
 
 
 def build_model(genes: list[str]):
-    """EfficientNet-Lite0 (bundled weights) with a small fusion decoder; untrained (speed does not care)."""
+    """EfficientNet-Lite0 (bundled weights) with pg.tl.fit's default decoder; untrained (speed does not care)."""
     import torch
 
     from pixgene.nn._encoders import build_encoder
@@ -162,7 +194,8 @@ def tiling_section(model, *, written: int = 1024, n_tiles: int = 3) -> dict:
 # --------------------------------------------------------------------------------------------- 3. slides
 
 
-def texture_tile(size: int = 1024) -> np.ndarray:
+def texture_tile(size: int = 256) -> np.ndarray:
+    """The H&E texture the slides replicate; a short period keeps the zarr chunks compressible."""
     from pixgene.tl._predict import probe_texture
 
     return (probe_texture(size, size, seed=7) * 255).round().astype(np.uint8)
@@ -176,23 +209,47 @@ def _tissue(y: np.ndarray, x: np.ndarray, side: float) -> np.ndarray:
 
 
 def slide_level(side: int, factor: int, texture: np.ndarray, chunk: int = 1024):
-    """Level ``factor`` of a ``side``^2 slide, lazily: texture on the islands, glass around them."""
+    """Level ``factor`` of a ``side``^2 slide, lazily: texture on the islands, glass around them.
+
+    Chunks are multiples of the texture's period, so a chunk's texture is a plain tile; chunks that miss every
+    island or lie inside one skip the per-pixel test.
+    """
     import dask.array as da
 
     n = side // factor
     t = texture.shape[1]
+    assert chunk % t == 0
 
     def block(block_info=None):
         (_, _), (y0, y1), (x0, x1) = block_info[None]["array-location"]
-        yy = np.arange(y0, y1)[:, None]
-        xx = np.arange(x0, x1)[None, :]
-        rgb = texture[:, yy % t, xx % t]
-        glass = ~_tissue((yy + 0.5) * factor, (xx + 0.5) * factor, side)
-        rgb = np.where(glass[None], np.uint8(242), rgb)
-        return rgb
+        corners_y = np.array([y0, y0, y1, y1]) * factor
+        corners_x = np.array([x0, x1, x0, x1]) * factor
+        if _tissue(corners_y, corners_x, side).all() and _inside_one_island(corners_y, corners_x, side):
+            return np.tile(texture, (1, -(-(y1 - y0) // t), -(-(x1 - x0) // t)))[:, : y1 - y0, : x1 - x0]
+        if not _touches_islands(y0 * factor, y1 * factor, x0 * factor, x1 * factor, side):
+            return np.full((3, y1 - y0, x1 - x0), 242, dtype=np.uint8)
+        rgb = np.tile(texture, (1, -(-(y1 - y0) // t), -(-(x1 - x0) // t)))[:, : y1 - y0, : x1 - x0]
+        yy = (np.arange(y0, y1)[:, None] + 0.5) * factor
+        xx = (np.arange(x0, x1)[None, :] + 0.5) * factor
+        return np.where(_tissue(yy, xx, side)[None], rgb, np.uint8(242))
 
     return da.empty((3, n, n), chunks=(3, chunk, chunk), dtype=np.uint8).map_blocks(
         lambda _, block_info=None: block(block_info), dtype=np.uint8
+    )
+
+
+def _inside_one_island(ys: np.ndarray, xs: np.ndarray, side: float) -> bool:
+    """All points inside the same ellipse (ellipses are convex: then the rectangle they span is too)."""
+    return any(
+        np.all(((xs / side - cx) / rx) ** 2 + ((ys / side - cy) / ry) ** 2 <= 1) for cx, cy, rx, ry in ISLANDS
+    )
+
+
+def _touches_islands(y0: float, y1: float, x0: float, x1: float, side: float) -> bool:
+    """Whether the rectangle meets any island's bounding box."""
+    return any(
+        x0 < (cx + rx) * side and x1 > (cx - rx) * side and y0 < (cy + ry) * side and y1 > (cy - ry) * side
+        for cx, cy, rx, ry in ISLANDS
     )
 
 
@@ -254,7 +311,7 @@ def slides_section(workdir: Path, sizes: list[int], model_dir: Path, flops_px: f
         cmd = [sys.executable, __file__, "predict-child", "--store", str(store), "--model", str(model_dir),
                "--um-per-px", str(um_per_px), "--chunk-px", str(chunk_px), "--dtype", dtype]
         t0 = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        done, polled = run_polled(cmd)
         wall = time.perf_counter() - t0
         if done.returncode != 0:
             raise RuntimeError(f"predict child failed:\n{done.stderr[-4000:]}")
@@ -271,7 +328,7 @@ def slides_section(workdir: Path, sizes: list[int], model_dir: Path, flops_px: f
             "tissue_fraction": round(built["tissue_fraction"], 3),
             "chunks_computed": f"{meta['chunks']['tissue']}/{n_chunks}", "halo_px": meta["halo_px"],
             "tile_px": f"{th}x{tw}", "predict_s": round(t, 1), "halo_probe_s": round(child["halo_s"], 1),
-            "peak_rss_gb": round(child["peak_rss_gb"], 2),
+            "peak_rss_gb": round(child["peak_rss_gb"], 2), "polled_peak_rss_gb": round(polled, 2),
             "rss_after_model_gb": round(child["rss_after_model_gb"], 2),
             "slide_mpx_per_s": round(side * side / 1e6 / t, 2),
             "tissue_enc_mpx_per_s": round(written_mpx / t, 3),
@@ -341,7 +398,9 @@ def versus_spatialdata(*, side: int = 4000, n_shapes: int = 5000, n_genes: int =
     polys = grid_polygons(n_shapes, side)
     names = [f"cell{i}" for i in range(n_shapes)]
     shapes = ShapesModel.parse(gpd.GeoDataFrame(geometry=polys, index=names))
-    image = Image2DModel.parse(values, dims=("c", "y", "x"), c_coords=genes, chunks=(n_genes, 1024, 1024))
+    # the same element for both routes; 2048 px chunks (840 MB) are within spatialdata's recommended size and
+    # spatialdata's route (xrspatial zonal_stats, per block) is as fast on them as on one chunk
+    image = Image2DModel.parse(values, dims=("c", "y", "x"), c_coords=genes, chunks=(n_genes, 2048, 2048))
     sdata = sd.SpatialData(images={"map": image}, shapes={"cells": shapes})
     record_um_per_px(sdata, "map", map_um)
 
@@ -493,6 +552,8 @@ def main() -> None:
     child.add_argument("--dtype", default="float16")
     parser.add_argument("--workdir", default="/tmp/pixgene-scale")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
+                        help="run only these; the others are kept from the existing results file")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -510,6 +571,13 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     quick = args.quick
     sizes = [1000, 2000, 4000] if quick else [5000, 20000, 40000]
+    mid = sizes[1]
+    sections = args.sections
+    out = Path(args.out)
+    suffix = "_quick" if quick else ""
+    previous = out / f"scale{suffix}.json"
+    result = json.loads(previous.read_text()) if set(sections) != set(SECTIONS) and previous.exists() else {}
+    result["quick"] = quick
     t_start = time.perf_counter()
 
     peak = machine_peak_gflops()
@@ -522,29 +590,43 @@ def main() -> None:
     machine = {
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "peak_gflops_fp32": round(peak, 1),
-        "model": f"efficientnet_lite0 + {DECODER['block']} decoder width {DECODER['width']}, {N_GENES} genes",
+        "model": f"efficientnet_lite0 + {DECODER['block']} decoder width {DECODER['width']}, output stride "
+                 f"{DECODER['out_stride']}, {N_GENES} genes (pg.tl.fit's default architecture)",
         "encoder_kflop_per_px": round(enc_flops / 1e3, 1), "network_kflop_per_px": round(flops / 1e3, 1),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     log.info("machine: %s", machine)
+    runs = result.setdefault("runs", {})
+    stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_average_at_start": machine["load_average_at_start"]}
 
-    tiling = tiling_section(model)
-    log.info("tiling: halo %d px", tiling["halo_px"])
+    if "tiling" in sections:
+        result["tiling"] = tiling_section(model)
+        result["machine"] = machine
+        log.info("tiling: halo %d px", result["tiling"]["halo_px"])
+    if "slides" in sections:
+        predict_opts = {"um_per_px": 4.0, "chunk_px": 256, "dtype": "float16"}
+        slides = slides_section(workdir, sizes, model_dir, flops, enc_flops, peak, keep=mid, **predict_opts)
+        result["predict_dense"] = {"options": predict_opts, "slide_um_per_px": SLIDE_UM, "slides": slides}
+        result["machine"] = machine
+    if "versus" in sections:
+        result["aggregate_vs_spatialdata"] = versus_spatialdata(side=1000 if quick else 4000,
+                                                                n_shapes=500 if quick else 5000)
+        log.info("versus spatialdata: %s", result["aggregate_vs_spatialdata"])
+    if "readout" in sections:
+        store = workdir / f"slide_{mid}.zarr"
+        if not store.exists():
+            build_slide(store, mid, texture_tile())
+        result["readout"] = millions_section(workdir, store, side=mid, n_cells=20_000 if quick else 1_000_000)
+        log.info("readout: %s", result["readout"])
+    for section in sections:
+        runs[section] = {**stamp, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+                         "run_s": round(time.perf_counter() - t_start, 1)}
 
-    predict_opts = {"um_per_px": 8.0, "chunk_px": 192, "dtype": "float16"}
-    mid = sizes[1]
-    slides = slides_section(workdir, sizes, model_dir, flops, enc_flops, peak, keep=mid, **predict_opts)
-
-    versus = versus_spatialdata(side=1000 if quick else 4000, n_shapes=500 if quick else 5000)
-    log.info("versus spatialdata: %s", versus)
-
-    store = workdir / f"slide_{mid}.zarr"
-    millions = millions_section(workdir, store, side=mid, n_cells=20_000 if quick else 1_000_000)
-    log.info("millions: %s", millions)
-
+    slides = result["predict_dense"]["slides"]
+    versus, millions = result["aggregate_vs_spatialdata"], result["readout"]
     rss_small, rss_large = slides[0]["peak_rss_gb"], slides[-1]["peak_rss_gb"]
     cells_s = millions["cells_aggregate_s"]
-    acceptance = {
+    result["acceptance"] = {
         "peak_rss_largest_gb": rss_large,
         "peak_rss_ratio_largest_vs_smallest": round(rss_large / rss_small, 3),
         "rss_within_3gb_and_1.5x": rss_large <= 3.0 and rss_large <= 1.5 * rss_small,
@@ -553,18 +635,9 @@ def main() -> None:
         "one_million_cells_s": cells_s,
         "one_million_cells_under_2_min": cells_s < 120 and millions["n_cells"] >= 1_000_000,
     }
-    result = {
-        "quick": quick, "machine": machine, "tiling": tiling,
-        "predict_dense": {"options": predict_opts, "slide_um_per_px": SLIDE_UM, "slides": slides},
-        "aggregate_vs_spatialdata": versus, "readout": millions, "acceptance": acceptance,
-        "total_s": round(time.perf_counter() - t_start, 1),
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-    }
     md = render(result)
     print(md)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if quick else ""
     (out / f"scale{suffix}.json").write_text(json.dumps(result, indent=2, default=str))
     (out / f"scale{suffix}.md").write_text(md + "\n")
     shutil.rmtree(workdir, ignore_errors=True)
@@ -577,9 +650,13 @@ def render(r: dict) -> str:
         f"\nMachine: {m['cores']} cores ({m['cpu']}), torch {m['torch_threads']} threads, measured peak "
         f"{m['peak_gflops_fp32']} GFLOP/s (float32 matmul). Model: {m['model']}; encoder "
         f"{m['encoder_kflop_per_px']} kFLOP/px, whole network {m['network_kflop_per_px']} kFLOP/px. "
-        f"No GPU on this machine. Total run {r['total_s']:.0f} s. Load average (1, 5, 15 min) at start "
-        f"{m['load_average_at_start']}, at end {r['load_average_at_end']}: other jobs shared the 2 cores.",
+        f"No GPU on this machine.",
+        "\nSections and when they ran (load average 1/5/15 min at start and end; 2 cores, so a load above 2 "
+        "means other jobs shared the machine):\n",
     ]
+    for name, run in r.get("runs", {}).items():
+        parts.append(f"- {name}: {run['date']}, {run['run_s']:.0f} s into its run, load "
+                     f"{run['load_average_at_start']} -> {run['load_average_at_end']}")
     t = r["tiling"]
     profile = ", ".join(f"{d} px {v:.1e}" for d, v in t["profile"].items())
     parts.append(

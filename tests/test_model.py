@@ -118,3 +118,70 @@ def test_same_seed_same_model(synthetic_small):
     b = pg.tl.fit(synthetic_small, **kwargs)
     assert a.model_id == b.model_id
     assert a.history == b.history
+
+
+def test_finetuned_encoder_is_trained_saved_and_restored(synthetic_small, tmp_path):
+    import numpy as np
+    import torch
+
+    import pixgene as pg
+    from conftest import FIT_GENES
+    from pixgene.nn._encoders import build_encoder
+
+    model = pg.tl.fit(synthetic_small, genes=FIT_GENES[:3], max_epochs=1, n_views=1, width=16, progress=False,
+                      random_state=1, finetune_levels=1)
+    pristine = build_encoder("efficientnet_lite0").state_dict()
+    tuned = model.module.encoder.state_dict()
+    changed = sorted(k for k in pristine if not torch.equal(pristine[k], tuned[k]))
+    # only tensors of the last stage moved, and exactly those are recorded for saving
+    assert changed and all(f"encoder.{k}" in model.finetuned for k in changed)
+    assert not any(k.startswith("body.blocks.0.") or k.startswith("body.conv_stem") for k in changed)
+    assert all(not p.requires_grad for p in model.module.encoder.parameters())
+    model.save(tmp_path / "m")
+    again = pg.tl.PixNet.load(tmp_path / "m")
+    assert again.finetuned == model.finetuned and again.model_id == model.model_id
+    tile = np.random.default_rng(0).random((3, 256, 256), dtype=np.float32)
+    np.testing.assert_array_equal(model.predict_intensity(tile), again.predict_intensity(tile))
+    # a frozen fit keeps the pristine encoder and saves none of it
+    frozen = pg.tl.fit(synthetic_small, genes=FIT_GENES[:3], max_epochs=1, n_views=1, width=16, progress=False,
+                       random_state=1)
+    assert frozen.finetuned == []
+    assert all(torch.equal(pristine[k], v) for k, v in frozen.module.encoder.state_dict().items())
+
+
+def test_scale_jitter_views_keep_spot_integrals_exact():
+    """A view read at magnification s: spot operators scaled so a constant map integrates to the disk area."""
+    import numpy as np
+    from spatialdata.models import Image2DModel
+
+    from pixgene.data._reader import SlideReader
+    from pixgene.data._training import SlideSpots, build_cache
+
+    class Constant:  # a module stand-in: encoding is not what is tested here
+        out_stride = 4
+        used_levels = [0]
+
+        def parameters(self):
+            import torch
+
+            yield torch.zeros(1)
+
+        def encode(self, x):
+            return [x[:, :1, ::4, ::4]]
+
+    rng = np.random.default_rng(0)
+    img = (rng.random((3, 1200, 1200)) * 255).astype(np.uint8)
+    reader = SlideReader(Image2DModel.parse(img, dims=("c", "y", "x")), image_um=1.0, target_um=1.0)
+    centers = np.array([[300.0, 300.0], [420.0, 330.0], [800.0, 760.0]])
+    radius = 27.5
+    slide = SlideSpots("s", reader, centers, radius, np.ones((3, 2), np.float32), np.ones(3, bool))
+    cache = build_cache([slide], Constant(), tile=256, margin=16, n_views=6, stain_strength=0.0,
+                        rng=np.random.default_rng(3), scale_jitter=0.2, progress=False)
+    area = np.pi * radius**2
+    n_checked = 0
+    for views in cache.views:
+        for v in views:
+            per_spot = np.bincount(v.rows, weights=v.weights, minlength=len(v.spot_ids))
+            np.testing.assert_allclose(per_spot, area, rtol=1e-6)  # um^2 whatever the view's scale
+            n_checked += len(v.spot_ids)
+    assert n_checked >= 3 * 6 - 3  # spots stay in their views (at most a few pushed out by the scale)

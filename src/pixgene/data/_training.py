@@ -77,12 +77,13 @@ class TileView:
 class TrainingCache:
     """Frozen-encoder features of every (tile, view), and what each view supervises."""
 
-    features: list  # per decoder level: tensor (n_tiles, n_views, C, h, w) float16
+    features: list | None  # per decoder level: tensor (n_tiles, n_views, C, h, w) float16; None if images
     views: list[list[TileView]]  # [tile][view]
     slides: list[SlideSpots]
     tile: int
     out_stride: int
     levels: list[int] = field(default_factory=list)
+    images: object = None  # (n_tiles, n_views, 3, tile, tile) uint8 when the encoder is fine-tuned
 
     @property
     def n_tiles(self) -> int:
@@ -98,42 +99,64 @@ def build_cache(
     n_views: int,
     stain_strength: float,
     rng: np.random.Generator,
+    scale_jitter: float = 0.0,
+    keep_images: bool = False,
     batch_size: int = 8,
     progress: bool = True,
 ) -> TrainingCache:
-    """Encode every training tile ``n_views`` times (view 0 plain; others dihedral + shift + stain jitter)."""
+    """Encode every training tile ``n_views`` times (view 0 plain; others dihedral + shift + stain jitter, and
+    with ``scale_jitter`` > 0 a magnification drawn from [1 - scale_jitter, 1 + scale_jitter]).
+
+    A view at scale ``s`` is read on a grid of ``s`` encoder pixels per pixel, centred on its tile; spot
+    centres and radii are divided by ``s`` and the output pixels' areas multiplied by ``s**2``, so the spot
+    integrals stay exact. ``keep_images`` stores the views' pixels (uint8) instead of their features, for
+    fine-tuning the encoder.
+    """
     import torch
     from tqdm.auto import tqdm
 
     s = module.out_stride
     out_um = slides[0].reader.target_um * s
     levels = module.used_levels
-    jobs = []  # (slide, x0, y0, view, dihedral, jitter)
+    jobs = []  # (slide, x0, y0, view, dihedral, jitter, scale)
     for si, slide in enumerate(slides):
         corners = plan_tiles(slide.centers, slide.radius, tile, margin)
         for x0, y0 in corners:
             tile_jobs = []
             for v in range(n_views):
                 d = 0 if v == 0 else int(rng.integers(0, 8))
-                shift = (0, 0) if v == 0 else _random_shift(slide, x0, y0, tile, margin, s, rng)
-                tile_jobs.append((si, int(x0 + shift[0]), int(y0 + shift[1]), v, d, v > 0))
+                scale = 1.0 if v == 0 or scale_jitter <= 0 else float(rng.uniform(1 - scale_jitter, 1 + scale_jitter))
+                # the tile's centre stays put on the slide; coordinates below are in pixels of the view's grid
+                cx, cy = round((x0 + tile / 2) / scale - tile / 2), round((y0 + tile / 2) / scale - tile / 2)
+                ids = spots_inside(np.array([[x0, y0]]), slide.centers, slide.radius, tile, margin)[0]
+                shift = (0, 0) if v == 0 else _random_shift(slide.centers[ids] / scale, slide.radius / scale,
+                                                            cx, cy, tile, margin, s, rng)
+                tile_jobs.append((si, int(cx + shift[0]), int(cy + shift[1]), v, d, v > 0, scale))
             jobs.append(tile_jobs)
     logger.info("training on %d tiles x %d views of %d px", len(jobs), n_views, tile)
 
     views: list[list[TileView]] = []
     feats = None
+    pixels = torch.empty((len(jobs), n_views, 3, tile, tile), dtype=torch.uint8) if keep_images else None
     flat = [j for tile_jobs in jobs for j in tile_jobs]
     device = next(module.parameters()).device
-    bar = tqdm(total=len(flat), desc="encoding training tiles", unit="view", disable=not progress)
+    desc = "reading training tiles" if keep_images else "encoding training tiles"
+    bar = tqdm(total=len(flat), desc=desc, unit="view", disable=not progress)
     with torch.inference_mode():
         for start in range(0, len(flat), batch_size):
             batch = flat[start : start + batch_size]
             images = []
-            for si, x0, y0, _, d, jitter in batch:
-                img = slides[si].reader.read(x0, y0, tile, tile)
+            for si, x0, y0, _, d, jitter, scale in batch:
+                img = slides[si].reader.read(x0, y0, tile, tile, scale=scale)
                 if jitter and stain_strength > 0:
                     img = stain_jitter(img, rng, stain_strength)
                 images.append(dihedral(torch.from_numpy(img), d))
+            if keep_images:
+                for k, img in enumerate(images):
+                    t, v = divmod(start + k, n_views)
+                    pixels[t, v] = (img * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+                bar.update(len(batch))
+                continue
             out = module.encode(torch.stack(images).to(device))
             if feats is None:
                 feats = [
@@ -148,24 +171,27 @@ def build_cache(
 
     for tile_jobs in jobs:
         tile_views = []
-        for si, x0, y0, _, d, _ in tile_jobs:
+        for si, x0, y0, _, d, _, scale in tile_jobs:
             slide = slides[si]
-            ids = np.flatnonzero(spots_inside(np.array([[x0, y0]]), slide.centers, slide.radius, tile, margin)[0])
-            centers_out = (slide.centers[ids] - np.array([x0, y0])) / s
-            op = circle_weights(centers_out, np.full(len(ids), slide.radius / s), (tile // s, tile // s)).tocoo()
+            centers, radius = slide.centers / scale, slide.radius / scale
+            ids = np.flatnonzero(spots_inside(np.array([[x0, y0]]), centers, radius, tile, margin)[0])
+            centers_out = (centers[ids] - np.array([x0, y0])) / s
+            op = circle_weights(centers_out, np.full(len(ids), radius / s), (tile // s, tile // s)).tocoo()
             tile_views.append(
-                TileView(si, ids, op.row.astype(np.int64), op.col.astype(np.int64), (op.data * out_um**2), d)
+                TileView(si, ids, op.row.astype(np.int64), op.col.astype(np.int64),
+                         op.data * (out_um * scale) ** 2, d)
             )
         views.append(tile_views)
-    return TrainingCache(features=feats, views=views, slides=slides, tile=tile, out_stride=s, levels=levels)
+    return TrainingCache(features=feats, views=views, slides=slides, tile=tile, out_stride=s, levels=levels,
+                         images=pixels)
 
 
-def _random_shift(slide, x0, y0, tile, margin, stride, rng) -> tuple[int, int]:
-    """A shift (multiple of the output stride) that keeps the tile's spots fully inside its core."""
-    ids = spots_inside(np.array([[x0, y0]]), slide.centers, slide.radius, tile, margin)[0]
-    c = slide.centers[ids]
-    lo = (c.max(0) + slide.radius + margin - tile) - np.array([x0, y0])  # most negative allowed shift
-    hi = (c.min(0) - slide.radius - margin) - np.array([x0, y0])
+def _random_shift(c, radius, x0, y0, tile, margin, stride, rng) -> tuple[int, int]:
+    """A shift (multiple of the output stride) that keeps the spots ``c`` fully inside the tile's core."""
+    if len(c) == 0:
+        return 0, 0
+    lo = (c.max(0) + radius + margin - tile) - np.array([x0, y0])  # most negative allowed shift
+    hi = (c.min(0) - radius - margin) - np.array([x0, y0])
     lo, hi = np.ceil(lo / stride), np.floor(hi / stride)
     dx = int(rng.integers(int(lo[0]), int(hi[0]) + 1)) if hi[0] >= lo[0] else 0
     dy = int(rng.integers(int(lo[1]), int(hi[1]) + 1)) if hi[1] >= lo[1] else 0

@@ -30,6 +30,9 @@ def parse_rgb_image(image: Any, *, name: str, transformations: dict | None = Non
         fail(f"image {name!r}", f"has shape {array.shape}, not an RGB (y, x, 3) or (3, y, x) array", "Pass RGB")
     if array.shape[0] != 3:
         array = array.transpose(2, 0, 1)
+        if isinstance(array, np.ndarray):
+            # channel planes contiguous: every later read of a region is a plain slice, not a strided gather
+            array = np.ascontiguousarray(array)
     scale_factors = None
     if max(array.shape[1:]) > MULTISCALE_ABOVE_PX:
         n = int(np.ceil(np.log2(max(array.shape[1:]) / MULTISCALE_ABOVE_PX)))

@@ -55,6 +55,8 @@ def fit(
     tile_px: int | None = None,
     n_views: int = 4,
     stain_jitter: float = 0.05,
+    scale_jitter: float = 0.0,
+    finetune_levels: int = 0,
     likelihood: str = "nb",
     loss_weights: dict | None = None,
     val_fraction: float = 0.1,
@@ -89,6 +91,12 @@ def fit(
     tile_px, n_views, stain_jitter
         Training tile size in encoder pixels (default: fits the spots with context), number of cached views
         per tile (view 0 plain; others a random dihedral transform, shift and stain jitter of this strength).
+    scale_jitter
+        Views other than the first are also read at a magnification drawn from [1 - s, 1 + s] (0: off).
+    finetune_levels
+        Fine-tune the encoder stages that feed only its last ``finetune_levels`` pyramid levels (0: frozen,
+        features cached once; otherwise every step runs the encoder on cached pixels, at a tenth of the
+        decoder's learning rate). The tuned encoder tensors are saved with the model.
     likelihood, loss_weights
         ``"nb"`` or ``"poisson"`` count likelihood; weights of the terms ``count``, ``mse`` and ``pearson``
         (defaults 1, 1, 0.5; set one to 0 to switch it off).
@@ -105,7 +113,7 @@ def fit(
     """
     from ..data._reader import SlideReader
     from ..data._training import SlideSpots, build_cache
-    from ._model import PixNet, build_module, remember_model
+    from ._model import PixNet, build_module, remember_model, trainable_encoder_keys
     from ._train import LossWeights, train
 
     sdatas = _as_list(sdata)
@@ -116,6 +124,11 @@ def fit(
         fail("um_per_px", f"{len(ums)} values for {len(sdatas)} slides", "Give one value per slide or a single one")
     if likelihood not in ("nb", "poisson"):
         fail("likelihood", f"{likelihood!r} is not supported", "Use 'nb' or 'poisson'")
+    if not 0 <= scale_jitter < 0.5:
+        fail("scale_jitter", f"{scale_jitter} is not in [0, 0.5)", "Pass e.g. 0.1 (magnifications 0.9-1.1), or 0")
+    if isinstance(finetune_levels, bool) or not isinstance(finetune_levels, int) or finetune_levels < 0:
+        fail("finetune_levels", f"{finetune_levels!r} is not a non-negative integer",
+             "Pass 0 (frozen encoder) or the number of last pyramid levels to fine-tune, e.g. 1")
     if not 0 < val_fraction < 1:
         fail("val_fraction", f"{val_fraction} is not between 0 and 1", "Pass e.g. 0.1")
     weights = {"count": 1.0, "mse": 1.0, "pearson": 0.5, **(loss_weights or {})}
@@ -140,6 +153,8 @@ def fit(
         enc.config(), encoder_weights, n_outputs=len(genes) + 1, decoder_config=decoder_config, encoder=enc
     )
     enc_um = float(module.encoder.um_per_px)
+    if finetune_levels:
+        module.encoder.set_trainable(finetune_levels)  # validates the number
 
     train_slides = []
     mean_intensity = []
@@ -173,7 +188,7 @@ def fit(
         module.to("cuda")
     cache = build_cache(
         train_slides, module, tile=tile, margin=margin, n_views=n_views, stain_strength=stain_jitter, rng=rng,
-        progress=progress,
+        scale_jitter=scale_jitter, keep_images=bool(finetune_levels), progress=progress,
     )
     history, summary = train(
         module, cache, n_slides=len(slides), loss=LossWeights(weights["count"], weights["mse"], weights["pearson"],
@@ -182,10 +197,14 @@ def fit(
         seed=random_state, progress=progress,
     )
     module.to("cpu").eval()
+    finetuned = trainable_encoder_keys(module) if finetune_levels else []
+    for p in module.encoder.parameters():
+        p.requires_grad_(False)
     training = {
         "params": {
             "image_key": image_key, "shapes_key": shapes_key, "table_key": table_key, "tile_px": tile,
-            "n_views": n_views, "stain_jitter": stain_jitter, "likelihood": likelihood, "loss_weights": weights,
+            "n_views": n_views, "stain_jitter": stain_jitter, "scale_jitter": scale_jitter,
+            "finetune_levels": finetune_levels, "likelihood": likelihood, "loss_weights": weights,
             "val_fraction": val_fraction, "max_epochs": max_epochs, "patience": patience,
             "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "random_state": random_state,
         },
@@ -198,7 +217,7 @@ def fit(
     }
     model = PixNet(
         module, genes=genes, encoder_config=module.encoder.config(), encoder_weights=encoder_weights,
-        decoder_config=decoder_config, history=history, training=training,
+        decoder_config=decoder_config, history=history, training=training, finetuned=finetuned,
     )
     for s in sdatas:
         remember_model(s, model)

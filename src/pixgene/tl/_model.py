@@ -52,8 +52,11 @@ class PixNet:
         decoder_config: dict,
         history: list[dict] | None = None,
         training: dict | None = None,
+        finetuned: list[str] | None = None,
     ) -> None:
         self.module = module.eval()
+        #: state-dict keys of encoder tensors changed by fine-tuning: saved with the decoder and head
+        self.finetuned = sorted(finetuned or [])
         self.genes = list(genes)
         self.encoder_config = dict(encoder_config)
         self.encoder_weights = encoder_weights
@@ -84,7 +87,8 @@ class PixNet:
         return self.module.alignment
 
     def _trained_state(self) -> dict:
-        return {k: v for k, v in self.module.state_dict().items() if not k.startswith("encoder.")}
+        keep = set(self.finetuned)
+        return {k: v for k, v in self.module.state_dict().items() if not k.startswith("encoder.") or k in keep}
 
     @property
     def model_id(self) -> str:
@@ -130,13 +134,15 @@ class PixNet:
             "encoder": self.encoder_config,
             "encoder_weights": self.encoder_weights,
             "decoder": self.decoder_config,
+            "encoder_finetuned": self.finetuned,
             "model_id": self.model_id,
             "training": self.training,
             "history": self.history,
         }
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (decoder and head; the frozen encoder is rebuilt)."""
+        """Write ``config.json`` and ``model.safetensors``: decoder, head and any fine-tuned encoder tensors (the
+        rest of the encoder is rebuilt from its recorded weights)."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -181,7 +187,8 @@ class PixNet:
             decoder_config=config["decoder"],
         )
         state = load_file(str(weights_file))
-        expected = {k for k in module.state_dict() if not k.startswith("encoder.")}
+        finetuned = list(config.get("encoder_finetuned") or [])
+        expected = {k for k in module.state_dict() if not k.startswith("encoder.")} | set(finetuned)
         if set(state) != expected:
             missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
             fail(
@@ -199,10 +206,25 @@ class PixNet:
             decoder_config=config["decoder"],
             history=config.get("history"),
             training=config.get("training"),
+            finetuned=finetuned,
         )
         if model.model_id != config.get("model_id"):
             fail(f"model {str(path)!r}", "weights do not match the recorded model_id", "The files were altered; re-save")
         return model
+
+
+def trainable_encoder_keys(module) -> list[str]:
+    """State-dict keys (``encoder.``-prefixed) of every encoder tensor that training can change: trainable
+    parameters and the buffers (BatchNorm statistics) of the layers that own them."""
+    keys = []
+    for name, layer in module.encoder.named_modules():
+        own = list(layer.named_parameters(recurse=False))
+        if not any(p.requires_grad for _, p in own):
+            continue
+        prefix = f"encoder.{name}." if name else "encoder."
+        keys += [prefix + n for n, _ in own]
+        keys += [prefix + n for n, b in layer.named_buffers(recurse=False) if n not in layer._non_persistent_buffers_set]
+    return sorted(keys)
 
 
 def build_module(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,10 @@ from ..data._training import TrainingCache  # noqa: E402
 from ..nn._losses import log_normalize, negative_binomial_nll, pearson_loss, poisson_nll  # noqa: E402
 
 logger = logging.getLogger(__name__)
+
+
+#: learning rate of fine-tuned encoder stages relative to the decoder's
+ENCODER_LR_FACTOR = 0.1
 
 
 @dataclass
@@ -53,10 +58,14 @@ def make_collate(cache: TrainingCache):
 
     def collate(items):
         # channels-last is the layout oneDNN's CPU convolutions (depthwise above all) run fastest in
-        feats = [
-            torch.stack([f[t, v] for t, v in items]).float().contiguous(memory_format=torch.channels_last)
-            for f in cache.features
-        ]
+        if cache.images is not None:
+            images = torch.stack([cache.images[t, v] for t, v in items]).float().div_(255.0)
+            feats = [images.contiguous(memory_format=torch.channels_last)]
+        else:
+            feats = [
+                torch.stack([f[t, v] for t, v in items]).float().contiguous(memory_format=torch.channels_last)
+                for f in cache.features
+            ]
         spot_offset = 0
         nnz_b, nnz_row, nnz_col, nnz_w = [], [], [], []
         counts, slide_idx, train_mask, dihedrals = [], [], [], []
@@ -106,6 +115,8 @@ class PixNetTrainingPlan(L.LightningModule):
         self.decoder = module.decoder
         self.head = module.head
         self.cache_levels = cache.levels
+        # fine-tuning: the encoder runs in every step on cached pixels (its frozen parts need no gradient)
+        self.encoder = module.encoder if cache.images is not None else None
         self.loss_weights = loss
         self.lr, self.weight_decay = lr, weight_decay
         n_out = module.head.out.out_channels
@@ -115,14 +126,22 @@ class PixNetTrainingPlan(L.LightningModule):
         self._epoch_terms: dict[str, list[float]] = {}
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        encoder_params = {id(p) for p in self.encoder.parameters()} if self.encoder is not None else set()
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in encoder_params]
+        groups = [{"params": params}]
+        if encoder_params:
+            # pretrained stages move at a tenth of the decoder's rate
+            tuned = [p for p in self.encoder.parameters() if p.requires_grad]
+            groups.append({"params": tuned, "lr": self.lr * ENCODER_LR_FACTOR})
+        opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
         # cosine decay to a tenth of the rate over the epoch budget: converges in few epochs on a CPU
         epochs = max(1, int(self.trainer.max_epochs or 1))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=self.lr / 10)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     def _features(self, batch):
+        if self.encoder is not None:
+            return list(self.encoder(batch["features"][0]))
         feats: list = [None] * (max(self.cache_levels) + 1)
         for f, i in zip(batch["features"], self.cache_levels, strict=True):
             feats[i] = f
@@ -259,7 +278,10 @@ def train(
             deterministic=True,
             num_sanity_val_steps=0,
         )
-        trainer.fit(plan, train_loader, val_loader)
+        with warnings.catch_warnings():
+            # a fine-tuned encoder keeps its frozen BatchNorm layers in eval mode on purpose
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+            trainer.fit(plan, train_loader, val_loader)
     if keep.state is not None:
         plan.load_state_dict(keep.state)
     plan.to("cpu")

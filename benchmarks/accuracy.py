@@ -1,0 +1,576 @@
+"""Accuracy of pixgene against the field's baselines, side by side, on the same folds and genes, in one run.
+
+Datasets and folds
+    her2st C2-C5, leave one section out (4 folds); st_mob MOB1-MOB3, leave one section out (3 folds).
+    Genes: the top-50 highly variable genes of the training sections of each fold (no leakage). Targets:
+    ``log1p(1e4 * counts / total)`` per spot, total = every gene of the spot. Metrics on the held-out section's
+    spots: PCC@F/S/M (first quartile, median, mean over genes of the per-gene Pearson r across spots), MSE, MAE.
+
+Methods (the same frozen encoder everywhere: the bundled ImageNet EfficientNet-Lite0)
+    mean      the training-mean expression of each gene (constant: its Pearson r is undefined, shown as n/a)
+    ridge     HEST-Benchmark style: encoder embedding of a 224 um patch on each spot (pooled last level),
+              PCA to 256 dimensions, ridge with the penalty chosen by cross-validation on the training spots
+    stnet     ST-Net style: the encoder plus a linear head fine-tuned on 224 um spot crops (MSE, dihedral
+              augmentation; the last two encoder levels are trained, which keeps a fold within CPU minutes)
+    istar     iStar style: an MLP on 8 um superpixel features (every pyramid level pooled or upsampled to
+              8 um), the mean over the superpixels inside each spot fitted to the spot (MSE)
+    pixgene   ``pg.tl.fit`` with its defaults, ``predict_dense`` over the whole held-out section, ``aggregate``
+              over its spots
+    ablations pixgene with the plain conv decoder (``pixgene_conv``), with the MSE term only
+              (``pixgene_mse``), without stain augmentation (``pixgene_nostain``)
+
+Cross-scale (synthetic data, truth known everywhere)
+    Fit on 100 um spots only, read the dense map out over 2, 8, 16 and 55 um square bins and over the
+    training spots, and score each against the truth; and fit on 55 um spots, score 100 um bins.
+
+Every method gets the fold's seed; the same seed gives the same table. Prints markdown tables and writes
+``benchmarks/results/accuracy.json`` and ``accuracy.md`` (``accuracy_<tag>`` for partial runs).
+
+    python benchmarks/accuracy.py                       # everything
+    python benchmarks/accuracy.py --datasets st_mob --methods mean ridge pixgene --tag smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import pixgene as pg
+
+log = logging.getLogger("accuracy")
+RESULTS = Path(__file__).parent / "results"
+FOLDS = {"her2st": ("C2", "C3", "C4", "C5"), "st_mob": ("MOB1", "MOB2", "MOB3")}
+BASELINES = ("mean", "ridge", "stnet", "istar")
+PIXGENE = {
+    "pixgene": {},
+    "pixgene_conv": {"decoder": "conv"},
+    "pixgene_mse": {"loss_weights": {"count": 0.0, "mse": 1.0, "pearson": 0.0}},
+    "pixgene_nostain": {"stain_jitter": 0.0},
+}
+METHODS = (*BASELINES, *PIXGENE)
+PATCH_PX = 224  # HEST / ST-Net patch, encoder pixels
+SUPERPIXEL_PX = 8  # iStar superpixel, encoder pixels
+N_GENES = 50
+
+
+# --------------------------------------------------------------------------------------------- measuring
+
+
+class PeakMemory:
+    """Peak resident memory of this process while the block runs, sampled every 50 ms."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> PeakMemory:
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+@contextmanager
+def measured(record: dict):
+    t0 = time.perf_counter()
+    with PeakMemory() as mem:
+        yield
+    record["time_s"] = round(time.perf_counter() - t0, 1)
+    record["peak_rss_gb"] = round(mem.peak / 1e9, 2)
+
+
+# --------------------------------------------------------------------------------------------- spots
+
+
+@dataclass
+class Spots:
+    """The spots of one section in encoder pixels, with their log-normalised targets."""
+
+    section: str
+    sdata: object
+    reader: object
+    centers: np.ndarray  # (n, 2) x, y, encoder pixels
+    radius: float  # encoder pixels
+    y: np.ndarray  # (n, G) log1p(1e4 * counts / total)
+
+
+def load_section(dataset: str, section: str):
+    return pg.datasets.her2st(section) if dataset == "her2st" else pg.datasets.st_mob(section)
+
+
+def spots_of(section: str, sdata, genes: list[str], enc_um: float) -> Spots:
+    import scipy.sparse as sp
+
+    from pixgene._normalize import log_normalize_np
+    from pixgene.data._reader import SlideReader
+    from pixgene.tl._inputs import prepare_spot_slide
+
+    s = prepare_spot_slide(sdata, image_key="he", shapes_key="spots", table_key="table", um_per_px=None)
+    reader = SlideReader(sdata.images["he"], image_um=s.um_per_px, target_um=enc_um, name="he")
+    X = s.table[:, genes].X
+    X = X.toarray() if sp.issparse(X) else np.asarray(X)
+    total = np.asarray(s.table.X.sum(1)).ravel()
+    y = log_normalize_np(X.astype(np.float64), total).astype(np.float32)
+    return Spots(section, sdata, reader, s.centers / reader.factor, float(np.median(s.radius)) / reader.factor, y)
+
+
+def read_patches(spots: Spots, size: int) -> np.ndarray:
+    """(n, 3, size, size) uint8 patches centred on the spots."""
+    out = np.empty((len(spots.centers), 3, size, size), dtype=np.uint8)
+    for i, (cx, cy) in enumerate(spots.centers):
+        x0, y0 = int(round(cx - size / 2)), int(round(cy - size / 2))
+        out[i] = np.clip(spots.reader.read(x0, y0, size, size) * 255 + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def as_float(batch: np.ndarray):
+    import torch
+
+    return torch.from_numpy(batch).float().div_(255.0)
+
+
+def encode_patches(encoder, patches: np.ndarray, batch: int = 16) -> list[np.ndarray]:
+    """Frozen-encoder pyramid of each patch, one array per level, float32."""
+    import torch
+
+    levels: list[list[np.ndarray]] = []
+    with torch.inference_mode():
+        for i in range(0, len(patches), batch):
+            feats = encoder(as_float(patches[i : i + batch]))
+            if not levels:
+                levels = [[] for _ in feats]
+            for k, f in enumerate(feats):
+                levels[k].append(f.float().numpy())
+    return [np.concatenate(x) for x in levels]
+
+
+def split_validation(n: int, rng: np.random.Generator, fraction: float = 0.1) -> np.ndarray:
+    mask = np.ones(n, dtype=bool)
+    mask[rng.choice(n, size=max(1, int(round(fraction * n))), replace=False)] = False
+    return mask  # True = train
+
+
+# --------------------------------------------------------------------------------------------- baselines
+
+
+def fit_mean(train: list[Spots], test: Spots, **_) -> np.ndarray:
+    mean = np.concatenate([s.y for s in train]).mean(0)
+    return np.broadcast_to(mean, test.y.shape).copy()
+
+
+def fit_ridge(train: list[Spots], test: Spots, *, encoder, seed: int, **_) -> np.ndarray:
+    """HEST-Benchmark: PCA(256) of pooled patch embeddings, then ridge (penalty by CV on training spots)."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def embed(s: Spots) -> np.ndarray:
+        return encode_patches(encoder, read_patches(s, PATCH_PX))[-1].mean((2, 3))
+
+    x_train = np.concatenate([embed(s) for s in train])
+    y_train = np.concatenate([s.y for s in train])
+    n_comp = min(256, x_train.shape[0] - 1, x_train.shape[1])
+    model = make_pipeline(
+        StandardScaler(), PCA(n_components=n_comp, random_state=seed),
+        RidgeCV(alphas=np.logspace(-1, 5, 13), alpha_per_target=True),
+    )
+    model.fit(x_train, y_train)
+    return model.predict(embed(test)).astype(np.float32)
+
+
+def _dihedral_batch(x, rng: np.random.Generator):
+    import torch
+
+    k = int(rng.integers(0, 4))
+    x = torch.rot90(x, k, dims=(2, 3))
+    return torch.flip(x, dims=(3,)) if rng.random() < 0.5 else x
+
+
+def fit_stnet(train: list[Spots], test: Spots, *, seed: int, epochs: int = 6, batch: int = 16,
+              trainable_levels: int = 2, **_) -> np.ndarray:
+    """ST-Net: encoder + linear head on the pooled last level, fine-tuned on spot crops with MSE."""
+    import torch
+    from torch import nn
+
+    from pixgene.nn._encoders import build_encoder
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    enc = build_encoder("efficientnet_lite0")
+    enc.set_trainable(trainable_levels)
+    head = nn.Linear(enc.channels[-1], train[0].y.shape[1])
+    y_all = np.concatenate([s.y for s in train])
+    with torch.no_grad():
+        head.weight.mul_(0.1)
+        head.bias.copy_(torch.from_numpy(y_all.mean(0)))
+    big = PATCH_PX + 32  # room for a random shift of +-16 px
+    patches = np.concatenate([read_patches(s, big) for s in train])
+    is_train = split_validation(len(patches), rng)
+    params = [p for p in enc.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": params, "lr": 3e-4}, {"params": head.parameters(), "lr": 1e-3}],
+                            weight_decay=1e-4)
+
+    def predict(crops: np.ndarray) -> np.ndarray:
+        enc.eval()
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(crops), 32):
+                out.append(head(enc(as_float(crops[i : i + 32]))[-1].mean((2, 3))).numpy())
+        return np.concatenate(out)
+
+    centre = slice(16, 16 + PATCH_PX)
+    val_crops = patches[~is_train][:, :, centre, centre]
+    best, best_state = np.inf, None
+    idx = np.flatnonzero(is_train)
+    for _ in range(epochs):
+        enc.train()
+        order = rng.permutation(idx)
+        for i in range(0, len(order), batch):
+            b = order[i : i + batch]
+            dy, dx = rng.integers(0, 33, size=2)
+            x = _dihedral_batch(as_float(patches[b][:, :, dy : dy + PATCH_PX, dx : dx + PATCH_PX]), rng)
+            loss = ((head(enc(x)[-1].mean((2, 3))) - torch.from_numpy(y_all[b])) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        val = float(((predict(val_crops) - y_all[~is_train]) ** 2).mean())
+        if val < best:
+            best = val
+            best_state = ({k: v.clone() for k, v in enc.state_dict().items()},
+                          {k: v.clone() for k, v in head.state_dict().items()})
+    enc.load_state_dict(best_state[0])
+    head.load_state_dict(best_state[1])
+    return predict(read_patches(test, PATCH_PX))
+
+
+def superpixel_features(encoder, spots: Spots) -> tuple[np.ndarray, np.ndarray]:
+    """Features of the 8 um superpixels whose centres lie inside each spot (rows) and each row's spot."""
+    import torch
+    import torch.nn.functional as F
+
+    size = PATCH_PX
+    grid = size // SUPERPIXEL_PX
+    centres = (np.arange(grid) + 0.5) * SUPERPIXEL_PX - size / 2
+    yy, xx = np.meshgrid(centres, centres, indexing="ij")
+    feats, owners = [], []
+    patches = read_patches(spots, size)
+    with torch.inference_mode():
+        for i in range(0, len(patches), 16):
+            pyramid = encoder(as_float(patches[i : i + 16]))
+            # every level on the 8 um grid: finer levels averaged, coarser levels interpolated
+            on_grid = [F.adaptive_avg_pool2d(f, grid) if f.shape[-1] > grid else
+                       F.interpolate(f, size=(grid, grid), mode="bilinear", align_corners=False) for f in pyramid]
+            stacked = torch.cat(on_grid, 1).permute(0, 2, 3, 1).numpy()  # (b, grid, grid, C)
+            for k in range(stacked.shape[0]):
+                j = i + k
+                # spot centre sits at patch centre up to the rounding of the patch origin
+                cx, cy = spots.centers[j]
+                ox, oy = cx - (round(cx - size / 2) + size / 2), cy - (round(cy - size / 2) + size / 2)
+                inside = (xx - ox) ** 2 + (yy - oy) ** 2 <= spots.radius**2
+                feats.append(stacked[k][inside].astype(np.float16))
+                owners.append(np.full(int(inside.sum()), j))
+    return np.concatenate(feats), np.concatenate(owners)
+
+
+def fit_istar(train: list[Spots], test: Spots, *, encoder, seed: int, epochs: int = 40, batch: int = 32,
+              hidden: int = 256, **_) -> np.ndarray:
+    """iStar: per-superpixel MLP whose mean over a spot's superpixels is fitted to the spot (MSE)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    parts = [superpixel_features(encoder, s) for s in train]
+    offsets = np.cumsum([0] + [len(s.centers) for s in train])
+    x = np.concatenate([p[0] for p in parts])
+    owner = np.concatenate([p[1] + o for p, o in zip(parts, offsets[:-1], strict=True)])
+    y = np.concatenate([s.y for s in train])
+    mu, sd = x.astype(np.float32).mean(0), x.astype(np.float32).std(0) + 1e-6
+    n_spots = len(y)
+    rows_of = np.split(np.argsort(owner, kind="stable"), np.cumsum(np.bincount(owner, minlength=n_spots))[:-1])
+    mlp = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.LeakyReLU(0.1), nn.Linear(hidden, hidden),
+                        nn.LeakyReLU(0.1), nn.Linear(hidden, y.shape[1]))
+    with torch.no_grad():
+        mlp[-1].bias.copy_(torch.from_numpy(y.mean(0)))
+    opt = torch.optim.AdamW(mlp.parameters(), lr=1e-3, weight_decay=1e-4)
+    is_train = split_validation(n_spots, rng)
+
+    def spot_means(spot_ids: np.ndarray, xs: np.ndarray, rows: list[np.ndarray]):
+        r = np.concatenate([rows[i] for i in spot_ids])
+        seg = torch.from_numpy(np.repeat(np.arange(len(spot_ids)), [len(rows[i]) for i in spot_ids]))
+        out = mlp(torch.from_numpy((xs[r].astype(np.float32) - mu) / sd))
+        sums = torch.zeros(len(spot_ids), out.shape[1]).index_add_(0, seg, out)
+        return sums / torch.bincount(seg, minlength=len(spot_ids)).clamp_min(1)[:, None]
+
+    val_ids = np.flatnonzero(~is_train)
+    best, best_state = np.inf, None
+    for _ in range(epochs):
+        mlp.train()
+        order = rng.permutation(np.flatnonzero(is_train))
+        for i in range(0, len(order), batch):
+            b = order[i : i + batch]
+            loss = ((spot_means(b, x, rows_of) - torch.from_numpy(y[b])) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        mlp.eval()
+        with torch.no_grad():
+            val = float(((spot_means(val_ids, x, rows_of) - torch.from_numpy(y[val_ids])) ** 2).mean())
+        if val < best:
+            best, best_state = val, {k: v.clone() for k, v in mlp.state_dict().items()}
+    mlp.load_state_dict(best_state)
+    xt, ot = superpixel_features(encoder, test)
+    rows_t = np.split(np.argsort(ot, kind="stable"),
+                      np.cumsum(np.bincount(ot, minlength=len(test.centers)))[:-1])
+    mlp.eval()
+    with torch.no_grad():
+        return spot_means(np.arange(len(test.centers)), xt, rows_t).numpy()
+
+
+def fit_pixgene(train_sdatas: list, test: Spots, *, genes: list[str], seed: int, name: str, options: dict,
+                **_) -> tuple[np.ndarray, dict]:
+    """``pg.tl.fit`` -> ``predict_dense`` -> ``aggregate`` over the test spots; log-normalised like the targets."""
+    from pixgene._normalize import log_normalize_np
+
+    model = pg.tl.fit(train_sdatas, genes=genes, random_state=seed, progress=False, **options)
+    dense_key, table_key = f"he_{name}", f"spots_{name}"
+    pg.tl.predict_dense(test.sdata, model, key_added=dense_key, overwrite=True, progress=False)
+    table = pg.tl.aggregate(test.sdata, shapes="spots", dense_key=dense_key, key_added=table_key,
+                            overwrite=True, progress=False)
+    order = _align(table, test.sdata.tables["table"])
+    X = np.asarray(table[:, genes].X)[order]
+    total = table.obs["pixgene_total_counts"].to_numpy()[order]
+    del test.sdata.images[dense_key], test.sdata.tables[table_key]
+    info = {k: model.training[k] for k in ("best_epoch", "epochs_run", "n_tiles")}
+    return log_normalize_np(X.astype(np.float64), total).astype(np.float32), info
+
+
+def _align(pred_table, measured_table) -> np.ndarray:
+    """Row of ``pred_table`` for each row of the measured table (same spots, matched by instance id)."""
+    import pandas as pd
+
+    pid = pred_table.obs[pred_table.uns["spatialdata_attrs"]["instance_key"]].astype(str).to_numpy()
+    mid = measured_table.obs[measured_table.uns["spatialdata_attrs"]["instance_key"]].astype(str).to_numpy()
+    pos = pd.Series(np.arange(len(pid)), index=pid)
+    return pos.loc[mid].to_numpy()
+
+
+# --------------------------------------------------------------------------------------------- folds
+
+
+def score(pred: np.ndarray, y: np.ndarray, genes: list[str]) -> dict:
+    from pixgene.tl._evaluate import score_matrices
+
+    s = score_matrices(pred.astype(np.float64), y.astype(np.float64), genes).summary
+    return {k: (round(v, 4) if isinstance(v, float) and np.isfinite(v) else (None if isinstance(v, float) else v))
+            for k, v in s.items()}
+
+
+def run_fold(dataset: str, sections: tuple[str, ...], test_section: str, methods: list[str], seed: int) -> dict:
+    from pixgene.nn._encoders import build_encoder
+
+    t0 = time.perf_counter()
+    train_names = [s for s in sections if s != test_section]
+    train_sdatas = [load_section(dataset, s) for s in train_names]
+    test_sdata = load_section(dataset, test_section)
+    genes = pg.pp.select_genes(train_sdatas, n_top=N_GENES, flavor="hvg")
+    encoder = build_encoder("efficientnet_lite0").eval()
+    train = [spots_of(n, sd, genes, encoder.um_per_px) for n, sd in zip(train_names, train_sdatas, strict=True)]
+    test = spots_of(test_section, test_sdata, genes, encoder.um_per_px)
+    fold = {"dataset": dataset, "test": test_section, "train": train_names, "genes": genes,
+            "n_train_spots": int(sum(len(s.y) for s in train)), "n_test_spots": int(len(test.y)),
+            "spot_diameter_um": round(2 * test.radius * encoder.um_per_px, 1), "methods": {}}
+    log.info("%s fold %s: %d train / %d test spots", dataset, test_section, fold["n_train_spots"],
+             fold["n_test_spots"])
+    for method in methods:
+        record: dict = {}
+        info = None
+        with measured(record):
+            if method in PIXGENE:
+                pred, info = fit_pixgene(train_sdatas, test, genes=genes, seed=seed, name=method,
+                                         options=PIXGENE[method])
+            else:
+                fn = {"mean": fit_mean, "ridge": fit_ridge, "stnet": fit_stnet, "istar": fit_istar}[method]
+                pred = fn(train, test, encoder=encoder, seed=seed)
+        record.update(score(pred, test.y, genes))
+        if info:
+            record["training"] = info
+        fold["methods"][method] = record
+        log.info("%s %s %s: PCC@M %s PCC@S %s (%.0f s, %.2f GB)", dataset, test_section, method,
+                 record["PCC@M"], record["PCC@S"], record["time_s"], record["peak_rss_gb"])
+    fold["fold_s"] = round(time.perf_counter() - t0, 1)
+    return fold
+
+
+# --------------------------------------------------------------------------------------------- cross-scale
+
+
+def cross_scale(seed: int, *, size_um: float = 3072.0, n_genes: int = 30) -> list[dict]:
+    """Fit on one spot size of the synthetic data, score the dense map over other sizes against the truth."""
+    out = []
+    for train_um, pitch_um, bins in ((100.0, 150.0, (2.0, 8.0, 16.0, 55.0, 100.0)), (55.0, 100.0, (100.0,))):
+        record: dict = {"train_spot_um": train_um}
+        with measured(record):
+            sdata = pg.datasets.synthetic(seed, size_um=size_um, n_genes=n_genes, spot_diameter_um=train_um,
+                                          spot_pitch_um=pitch_um)
+            genes = [g for g in sdata.tables["table"].var_names if g.startswith("GENE")]
+            model = pg.tl.fit(sdata, genes=genes, random_state=seed, progress=False)
+            pg.tl.predict_dense(sdata, model, progress=False)
+            pg.tl.aggregate(sdata, shapes="spots", key_added="spots_readout", progress=False)
+            scores = {"training spots": pg.tl.evaluate(sdata, predicted="spots_readout", truth="truth",
+                                                       genes=genes).summary}
+            for b in bins:
+                key = f"bins_{b:g}um"
+                pg.tl.make_grid(sdata, bin_um=b, key_added=key)
+                pg.tl.aggregate(sdata, shapes=key, key_added=f"{key}_readout", progress=False)
+                scores[f"{b:g} um bins"] = pg.tl.evaluate(sdata, predicted=f"{key}_readout", truth="truth",
+                                                          genes=genes).summary
+                del sdata.tables[f"{key}_readout"], sdata.shapes[key]
+        record["n_spots"] = int(sdata.tables["table"].n_obs)
+        record["scores"] = {k: {m: round(v, 4) if isinstance(v, float) else v for m, v in s.items()}
+                            for k, s in scores.items()}
+        ref = scores["training spots"]["PCC@M"]
+        if 8.0 in bins:
+            record["pcc_m_8um_over_training_spots"] = round(scores["8 um bins"]["PCC@M"] / ref, 3)
+        log.info("cross-scale %s", record)
+        out.append(record)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def mean_over_folds(folds: list[dict], methods: list[str]) -> dict:
+    out = {}
+    for m in methods:
+        rows = [f["methods"][m] for f in folds if m in f["methods"]]
+        agg = {}
+        for k in ("PCC@F", "PCC@S", "PCC@M", "MSE", "MAE", "time_s", "peak_rss_gb"):
+            vals = [r[k] for r in rows if r.get(k) is not None]
+            agg[k] = round(float(np.mean(vals)), 4) if len(vals) == len(rows) and rows else None
+        agg["time_s"] = agg["time_s"] and round(agg["time_s"], 1)
+        out[m] = agg
+    return out
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def render(result: dict) -> str:
+    lines = ["# pixgene accuracy benchmark" + ("" if result.get("complete") else " (partial: the run stopped early)"), "",
+             f"Seed {result['seed']}; {result['machine']}; at the end {result['load_average_at_end']}. "
+             f"Total run {result['total_s']:.0f} s. "
+             "Scores on the held-out section's spots, log1p(1e4 x / total) of the 50 training-section HVGs.", ""]
+    for ds, block in result["datasets"].items():
+        methods = block["methods"]
+        n = len(block["folds"])
+        lines += [f"## {ds}: leave one section out ({n} fold{'s' if n > 1 else ''}), mean over folds", "",
+                  "| method | PCC@F | PCC@S | PCC@M | MSE | MAE | time per fold (s) | peak RSS (GB) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m in methods:
+            a = block["mean"][m]
+            lines.append(f"| {m} | " + " | ".join(_fmt(a[k]) for k in ("PCC@F", "PCC@S", "PCC@M", "MSE", "MAE"))
+                         + f" | {_fmt(a['time_s'], 0)} | {_fmt(a['peak_rss_gb'], 2)} |")
+        lines += ["", "Per fold (PCC@M / PCC@S):", "",
+                  "| method | " + " | ".join(f"test {f['test']}" for f in block["folds"]) + " |",
+                  "|---|" + "---|" * len(block["folds"])]
+        for m in methods:
+            cells = []
+            for f in block["folds"]:
+                r = f["methods"].get(m, {})
+                cells.append(f"{_fmt(r.get('PCC@M'))} / {_fmt(r.get('PCC@S'))}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines += ["", "Fold wall time (s): " + ", ".join(f"{f['test']} {f['fold_s']:.0f}" for f in block["folds"]),
+                  ""]
+    if result.get("cross_scale"):
+        lines += ["## Cross-scale (synthetic; dense map read out and scored against the truth)", "",
+                  "| trained on | read out over | PCC@F | PCC@S | PCC@M | MSE |", "|---|---|---|---|---|---|"]
+        for r in result["cross_scale"]:
+            for where, s in r["scores"].items():
+                lines.append(f"| {r['train_spot_um']:g} um spots | {where} | {_fmt(s['PCC@F'])} | "
+                             f"{_fmt(s['PCC@S'])} | {_fmt(s['PCC@M'])} | {_fmt(s['MSE'])} |")
+            if "pcc_m_8um_over_training_spots" in r:
+                lines.append(f"| | 8 um / training spots (PCC@M ratio) | | | "
+                             f"{r['pcc_m_8um_over_training_spots']:.3f} | |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(FOLDS), choices=list(FOLDS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--folds", nargs="+", default=None, help="test sections to run (default: all)")
+    parser.add_argument("--no-cross-scale", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default=None, help="suffix of the result files (partial runs)")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("pixgene", "numba", "lightning", "pytorch_lightning"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    import torch
+
+    t0 = time.perf_counter()
+    result = {"seed": args.seed, "machine": f"{os.cpu_count()} cores, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads, load average at start {os.getloadavg()[0]:.2f}",
+              "datasets": {}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "accuracy" + (f"_{args.tag}" if args.tag else "")
+
+    def write(final: bool = False) -> None:
+        """Results so far (after every fold), so a long run that stops early still leaves its numbers."""
+        result["total_s"] = round(time.perf_counter() - t0, 1)
+        result["complete"] = final
+        result["load_average_at_end"] = round(os.getloadavg()[0], 2)
+        md = render(result)
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+        (out / f"{name}.md").write_text(md + "\n")
+        if final:
+            print(md)
+
+    for ds in args.datasets:
+        tests = [s for s in FOLDS[ds] if args.folds is None or s in args.folds]
+        folds: list = []
+        result["datasets"][ds] = {"methods": args.methods, "folds": folds}
+        for t in tests:
+            folds.append(run_fold(ds, FOLDS[ds], t, args.methods, args.seed))
+            result["datasets"][ds]["mean"] = mean_over_folds(folds, args.methods)
+            write()
+    if not args.no_cross_scale:
+        result["cross_scale"] = cross_scale(args.seed)
+    write(final=True)
+
+
+if __name__ == "__main__":
+    main()
