@@ -355,7 +355,9 @@ def fit_pixgene(train_sdatas: list, test: Spots, *, genes: list[str], seed: int,
     """``pg.tl.fit`` -> ``predict_dense`` -> ``aggregate`` over the test spots; log-normalised like the targets."""
     from pixgene._normalize import log_normalize_np
 
+    t0 = time.perf_counter()
     model = pg.tl.fit(train_sdatas, genes=genes, random_state=seed, progress=False, **options)
+    fit_s = time.perf_counter() - t0
     dense_key, table_key = f"he_{name}", f"spots_{name}"
     pg.tl.predict_dense(test.sdata, model, key_added=dense_key, overwrite=True, progress=False)
     table = pg.tl.aggregate(test.sdata, shapes="spots", dense_key=dense_key, key_added=table_key,
@@ -365,6 +367,7 @@ def fit_pixgene(train_sdatas: list, test: Spots, *, genes: list[str], seed: int,
     total = table.obs["pixgene_total_counts"].to_numpy()[order]
     del test.sdata.images[dense_key], test.sdata.tables[table_key]
     info = {k: model.training[k] for k in ("best_epoch", "epochs_run", "n_tiles")}
+    info.update(fit_s=round(fit_s, 1), predict_and_aggregate_s=round(time.perf_counter() - t0 - fit_s, 1))
     return log_normalize_np(X.astype(np.float64), total).astype(np.float32), info
 
 
@@ -488,12 +491,15 @@ def render(result: dict) -> str:
     lines = ["# pixgene accuracy benchmark" + ("" if result.get("complete") else " (partial: the run stopped early)"), "",
              f"Seed {result['seed']}; {result['machine']}; at the end {result['load_average_at_end']}. "
              f"Total run {result['total_s']:.0f} s. "
-             "Scores on the held-out section's spots, log1p(1e4 x / total) of the 50 training-section HVGs.", ""]
+             "Scores on the held-out section's spots, log1p(1e4 x / total) of the 50 training-section HVGs. "
+             "The mean predictor is constant, so its Pearson r is undefined (n/a). Time per fold: the method's "
+             "whole run (pixgene: fit, dense prediction over the whole held-out section, read-out); peak RSS: "
+             "the benchmark process while the method ran (data of the fold included).", ""]
     for ds, block in result["datasets"].items():
         methods = block["methods"]
         n = len(block["folds"])
         lines += [f"## {ds}: leave one section out ({n} fold{'s' if n > 1 else ''}), mean over folds", "",
-                  "| method | PCC@F | PCC@S | PCC@M | MSE | MAE | time per fold (s) | peak RSS (GB) |",
+                  "| method | PCC@F | PCC@S | PCC@M | MSE | MAE | time per fold (s) | process peak RSS (GB) |",
                   "|---|---|---|---|---|---|---|---|"]
         for m in methods:
             a = block["mean"][m]
@@ -510,6 +516,8 @@ def render(result: dict) -> str:
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines += ["", "Fold wall time (s): " + ", ".join(f"{f['test']} {f['fold_s']:.0f}" for f in block["folds"]),
                   ""]
+    if result.get("notes"):
+        lines += [result["notes"], ""]
     if result.get("cross_scale"):
         lines += ["## Cross-scale (synthetic; dense map read out and scored against the truth)", "",
                   "| trained on | read out over | PCC@F | PCC@S | PCC@M | MSE |", "|---|---|---|---|---|---|"]
@@ -526,14 +534,21 @@ def render(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=list(FOLDS), choices=list(FOLDS))
+    parser.add_argument("--datasets", nargs="*", default=list(FOLDS), choices=list(FOLDS),
+                        help="none: only the cross-scale part")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--folds", nargs="+", default=None, help="test sections to run (default: all)")
     parser.add_argument("--no-cross-scale", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default=None, help="suffix of the result files (partial runs)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the existing .json")
     args = parser.parse_args()
+    if args.render:
+        name = "accuracy" + (f"_{args.tag}" if args.tag else "")
+        result = json.loads((Path(args.out) / f"{name}.json").read_text())
+        (Path(args.out) / f"{name}.md").write_text(render(result) + "\n")
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("pixgene", "numba", "lightning", "pytorch_lightning"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

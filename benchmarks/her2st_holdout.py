@@ -92,6 +92,8 @@ def write_markdown(r: dict, path: Path) -> None:
         "Reference floor from DESIGN.md (ridge on PCA of the same encoder's spot-patch embeddings, test C5): "
         "PCC@M 0.097. The side-by-side comparison with baselines is `benchmarks/accuracy.py`.",
     ]
+    if r.get("notes"):
+        lines += ["", r["notes"]]
     if load:
         lines += ["", f"Load average (1, 5, 15 min) at start {load['start']}, at end {load['end']} (2 cores)."]
     path.write_text("\n".join(lines) + "\n")

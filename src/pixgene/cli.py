@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 logger = logging.getLogger("pixgene")
@@ -185,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("lightning", "lightning.pytorch", "numba", "distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return int(args.func(args))
+    with warnings.catch_warnings():
+        # zarr announces a future default on every array spatialdata writes; on a terminal that buries the output
+        warnings.filterwarnings("ignore", message="zarr v3 autosharding", category=UserWarning)
+        return int(args.func(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -281,6 +281,8 @@ def train(
         with warnings.catch_warnings():
             # a fine-tuned encoder keeps its frozen BatchNorm layers in eval mode on purpose
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+            # Lightning 2.6 against torch 2.13 (its own code; nothing a user can act on)
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
             trainer.fit(plan, train_loader, val_loader)
     if keep.state is not None:
         plan.load_state_dict(keep.state)
