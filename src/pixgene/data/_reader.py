@@ -107,7 +107,7 @@ def _linear_weights(positions: np.ndarray, n: int):
     import scipy.sparse as sp
 
     p = np.clip(positions, 0, n - 1)
-    i0 = np.minimum(np.floor(p).astype(np.int64), n - 1)
+    i0 = np.floor(p).astype(np.int64)
     i1 = np.minimum(i0 + 1, n - 1)
     f = (p - i0).astype(np.float32)
     rows = np.arange(len(p))

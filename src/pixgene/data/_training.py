@@ -123,12 +123,12 @@ def build_cache(
         corners = plan_tiles(slide.centers, slide.radius, tile, margin)
         for x0, y0 in corners:
             tile_jobs = []
+            ids = spots_inside(np.array([[x0, y0]]), slide.centers, slide.radius, tile, margin)[0]
             for v in range(n_views):
                 d = 0 if v == 0 else int(rng.integers(0, 8))
                 scale = 1.0 if v == 0 or scale_jitter <= 0 else float(rng.uniform(1 - scale_jitter, 1 + scale_jitter))
                 # the tile's centre stays put on the slide; coordinates below are in pixels of the view's grid
                 cx, cy = round((x0 + tile / 2) / scale - tile / 2), round((y0 + tile / 2) / scale - tile / 2)
-                ids = spots_inside(np.array([[x0, y0]]), slide.centers, slide.radius, tile, margin)[0]
                 shift = (0, 0) if v == 0 else _random_shift(slide.centers[ids] / scale, slide.radius / scale,
                                                             cx, cy, tile, margin, s, rng)
                 tile_jobs.append((si, int(cx + shift[0]), int(cy + shift[1]), v, d, v > 0, scale))

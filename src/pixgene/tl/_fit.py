@@ -154,7 +154,7 @@ def fit(
     )
     enc_um = float(module.encoder.um_per_px)
     if finetune_levels:
-        module.encoder.set_trainable(finetune_levels)  # validates the number
+        module.encoder.set_trainable(finetune_levels)
 
     train_slides = []
     mean_intensity = []

@@ -216,6 +216,7 @@ class PixNet:
 def trainable_encoder_keys(module) -> list[str]:
     """State-dict keys (``encoder.``-prefixed) of every encoder tensor that training can change: trainable
     parameters and the buffers (BatchNorm statistics) of the layers that own them."""
+    saved = set(module.state_dict())  # persistent tensors only
     keys = []
     for name, layer in module.encoder.named_modules():
         own = list(layer.named_parameters(recurse=False))
@@ -223,7 +224,7 @@ def trainable_encoder_keys(module) -> list[str]:
             continue
         prefix = f"encoder.{name}." if name else "encoder."
         keys += [prefix + n for n, _ in own]
-        keys += [prefix + n for n, b in layer.named_buffers(recurse=False) if n not in layer._non_persistent_buffers_set]
+        keys += [prefix + n for n, _ in layer.named_buffers(recurse=False) if prefix + n in saved]
     return sorted(keys)
 
 

@@ -58,9 +58,10 @@ def make_collate(cache: TrainingCache):
 
     def collate(items):
         # channels-last is the layout oneDNN's CPU convolutions (depthwise above all) run fastest in
+        images, feats = None, None
         if cache.images is not None:
             images = torch.stack([cache.images[t, v] for t, v in items]).float().div_(255.0)
-            feats = [images.contiguous(memory_format=torch.channels_last)]
+            images = images.contiguous(memory_format=torch.channels_last)
         else:
             feats = [
                 torch.stack([f[t, v] for t, v in items]).float().contiguous(memory_format=torch.channels_last)
@@ -84,6 +85,7 @@ def make_collate(cache: TrainingCache):
         cat = np.concatenate
         return {
             "features": feats,
+            "images": images,
             "dihedral": dihedrals,
             "nnz_b": torch.from_numpy(cat(nnz_b)),
             "nnz_row": torch.from_numpy(cat(nnz_row)),
@@ -141,7 +143,7 @@ class PixNetTrainingPlan(L.LightningModule):
 
     def _features(self, batch):
         if self.encoder is not None:
-            return list(self.encoder(batch["features"][0]))
+            return list(self.encoder(batch["images"]))
         feats: list = [None] * (max(self.cache_levels) + 1)
         for f, i in zip(batch["features"], self.cache_levels, strict=True):
             feats[i] = f
