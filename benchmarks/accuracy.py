@@ -21,7 +21,8 @@ Methods (the same frozen encoder everywhere: the bundled ImageNet EfficientNet-L
 
 Cross-scale (synthetic data, truth known everywhere)
     Fit on 100 um spots only, read the dense map out over 2, 8, 16 and 55 um square bins and over the
-    training spots, and score each against the truth; and fit on 55 um spots, score 100 um bins.
+    training spots, and score each against the truth; and fit on 55 um spots, score 100 um bins. Each score
+    stands next to its ceiling: the expected truth given the histology, read out and scored the same way.
 
 Every method gets the fold's seed; the same seed gives the same table. Prints markdown tables and writes
 ``benchmarks/results/accuracy.json`` and ``accuracy.md`` (``accuracy_<tag>`` for partial runs).
@@ -36,6 +37,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -366,7 +368,7 @@ def fit_pixgene(train_sdatas: list, test: Spots, *, genes: list[str], seed: int,
     X = np.asarray(table[:, genes].X)[order]
     total = table.obs["pixgene_total_counts"].to_numpy()[order]
     del test.sdata.images[dense_key], test.sdata.tables[table_key]
-    info = {k: model.training[k] for k in ("best_epoch", "epochs_run", "n_tiles")}
+    info = {k: model.training[k] for k in ("best_epoch", "best_val_loss", "epochs_run", "n_tiles")}
     info.update(fit_s=round(fit_s, 1), predict_and_aggregate_s=round(time.perf_counter() - t0 - fit_s, 1))
     return log_normalize_np(X.astype(np.float64), total).astype(np.float32), info
 
@@ -432,32 +434,50 @@ def run_fold(dataset: str, sections: tuple[str, ...], test_section: str, methods
 
 
 def cross_scale(seed: int, *, size_um: float = 3072.0, n_genes: int = 30) -> list[dict]:
-    """Fit on one spot size of the synthetic data, score the dense map over other sizes against the truth."""
+    """Fit on one spot size of the synthetic data, score the dense map over other sizes against the truth.
+
+    Next to every score stands the ceiling: the synthetic data's expected truth (``truth_expected``: the truth
+    without the cell-to-cell variability no image explains) read out over the same shapes and scored the same
+    way. No predictor from the histology can beat it on average, so ``fraction of ceiling`` is how much of the
+    achievable accuracy the model reaches at each scale.
+    """
     out = []
     for train_um, pitch_um, bins in ((100.0, 150.0, (2.0, 8.0, 16.0, 55.0, 100.0)), (55.0, 100.0, (100.0,))):
         record: dict = {"train_spot_um": train_um}
         with measured(record):
             sdata = pg.datasets.synthetic(seed, size_um=size_um, n_genes=n_genes, spot_diameter_um=train_um,
-                                          spot_pitch_um=pitch_um)
+                                          spot_pitch_um=pitch_um, expected_truth=True)
             genes = [g for g in sdata.tables["table"].var_names if g.startswith("GENE")]
             model = pg.tl.fit(sdata, genes=genes, random_state=seed, progress=False)
             pg.tl.predict_dense(sdata, model, progress=False)
-            pg.tl.aggregate(sdata, shapes="spots", key_added="spots_readout", progress=False)
-            scores = {"training spots": pg.tl.evaluate(sdata, predicted="spots_readout", truth="truth",
-                                                       genes=genes).summary}
+            scores, ceiling = {}, {}
+
+            def score(where: str, shapes: str) -> None:
+                for dense_key, into in (("he_pixgene", scores), ("truth_expected", ceiling)):
+                    table_key = f"{shapes}_{dense_key}_readout"
+                    pg.tl.aggregate(sdata, shapes=shapes, dense_key=dense_key, key_added=table_key,
+                                    progress=False)
+                    into[where] = pg.tl.evaluate(sdata, predicted=table_key, truth="truth", genes=genes).summary
+                    del sdata.tables[table_key]
+
+            score("training spots", "spots")
             for b in bins:
                 key = f"bins_{b:g}um"
                 pg.tl.make_grid(sdata, bin_um=b, key_added=key)
-                pg.tl.aggregate(sdata, shapes=key, key_added=f"{key}_readout", progress=False)
-                scores[f"{b:g} um bins"] = pg.tl.evaluate(sdata, predicted=f"{key}_readout", truth="truth",
-                                                          genes=genes).summary
-                del sdata.tables[f"{key}_readout"], sdata.shapes[key]
+                score(f"{b:g} um bins", key)
+                del sdata.shapes[key]
         record["n_spots"] = int(sdata.tables["table"].n_obs)
-        record["scores"] = {k: {m: round(v, 4) if isinstance(v, float) else v for m, v in s.items()}
-                            for k, s in scores.items()}
-        ref = scores["training spots"]["PCC@M"]
+
+        def rounded(block: dict) -> dict:
+            return {k: {m: round(v, 4) if isinstance(v, float) else v for m, v in s.items()} for k, s in block.items()}
+
+        record["scores"], record["ceiling"] = rounded(scores), rounded(ceiling)
+        record["fraction_of_ceiling"] = {k: round(scores[k]["PCC@M"] / ceiling[k]["PCC@M"], 3) for k in scores}
         if 8.0 in bins:
-            record["pcc_m_8um_over_training_spots"] = round(scores["8 um bins"]["PCC@M"] / ref, 3)
+            record["pcc_m_8um_over_training_spots"] = round(
+                scores["8 um bins"]["PCC@M"] / scores["training spots"]["PCC@M"], 3)
+            record["ceiling_8um_over_training_spots"] = round(
+                ceiling["8 um bins"]["PCC@M"] / ceiling["training spots"]["PCC@M"], 3)
         log.info("cross-scale %s", record)
         out.append(record)
     return out
@@ -495,6 +515,11 @@ def render(result: dict) -> str:
              "The mean predictor is constant, so its Pearson r is undefined (n/a). Time per fold: the method's "
              "whole run (pixgene: fit, dense prediction over the whole held-out section, read-out); peak RSS: "
              "the benchmark process while the method ran (data of the fold included).", ""]
+    if result.get("runs"):
+        lines += ["Runs whose results are in these tables (a later run's methods replace an earlier one's):", ""]
+        lines += [f"- `{r['command']}`: {r['started']} to {r.get('finished', '(stopped early)')}; {r['machine']}"
+                  for r in result["runs"]]
+        lines.append("")
     for ds, block in result["datasets"].items():
         methods = block["methods"]
         n = len(block["folds"])
@@ -520,14 +545,23 @@ def render(result: dict) -> str:
         lines += [result["notes"], ""]
     if result.get("cross_scale"):
         lines += ["## Cross-scale (synthetic; dense map read out and scored against the truth)", "",
-                  "| trained on | read out over | PCC@F | PCC@S | PCC@M | MSE |", "|---|---|---|---|---|---|"]
+                  "Ceiling: the expected truth (`truth_expected`, the truth without the cell-to-cell variability "
+                  "that no image explains) read out over the same shapes and scored against the truth the same "
+                  "way; no predictor from the histology beats it on average.", "",
+                  "| trained on | read out over | PCC@F | PCC@S | PCC@M | MSE | ceiling PCC@M | fraction of ceiling |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in result["cross_scale"]:
+            ceiling = r.get("ceiling", {})
             for where, s in r["scores"].items():
+                c = ceiling.get(where, {}).get("PCC@M")
+                frac = r.get("fraction_of_ceiling", {}).get(where)
                 lines.append(f"| {r['train_spot_um']:g} um spots | {where} | {_fmt(s['PCC@F'])} | "
-                             f"{_fmt(s['PCC@S'])} | {_fmt(s['PCC@M'])} | {_fmt(s['MSE'])} |")
+                             f"{_fmt(s['PCC@S'])} | {_fmt(s['PCC@M'])} | {_fmt(s['MSE'])} | {_fmt(c)} | "
+                             f"{_fmt(frac)} |")
             if "pcc_m_8um_over_training_spots" in r:
                 lines.append(f"| | 8 um / training spots (PCC@M ratio) | | | "
-                             f"{r['pcc_m_8um_over_training_spots']:.3f} | |")
+                             f"{r['pcc_m_8um_over_training_spots']:.3f} | | "
+                             f"{_fmt(r.get('ceiling_8um_over_training_spots'))} | |")
         lines.append("")
     return "\n".join(lines)
 
@@ -543,6 +577,8 @@ def main() -> None:
     parser.add_argument("--tag", default=None, help="suffix of the result files (partial runs)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the existing .json")
+    parser.add_argument("--merge", action="store_true",
+                        help="update the existing results: the methods and folds run replace theirs, the rest stays")
     args = parser.parse_args()
     if args.render:
         name = "accuracy" + (f"_{args.tag}" if args.tag else "")
@@ -556,12 +592,20 @@ def main() -> None:
     import torch
 
     t0 = time.perf_counter()
-    result = {"seed": args.seed, "machine": f"{os.cpu_count()} cores, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, load average at start {os.getloadavg()[0]:.2f}",
-              "datasets": {}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "accuracy" + (f"_{args.tag}" if args.tag else "")
+    machine = (f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+               f"load average at start {os.getloadavg()[0]:.2f}")
+    run = {"command": " ".join(["python benchmarks/accuracy.py", *sys.argv[1:]]),
+           "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine}
+    if args.merge and (out / f"{name}.json").exists():
+        result = json.loads((out / f"{name}.json").read_text())
+        if result.get("seed") != args.seed:
+            raise SystemExit(f"--merge: {name}.json was run with seed {result.get('seed')}, not {args.seed}")
+    else:
+        result = {"seed": args.seed, "machine": machine, "datasets": {}}
+    result.setdefault("runs", []).append(run)
 
     def write(final: bool = False) -> None:
         """Results so far (after every fold), so a long run that stops early still leaves its numbers."""
@@ -576,15 +620,34 @@ def main() -> None:
 
     for ds in args.datasets:
         tests = [s for s in FOLDS[ds] if args.folds is None or s in args.folds]
-        folds: list = []
-        result["datasets"][ds] = {"methods": args.methods, "folds": folds}
+        block = result["datasets"].get(ds) if args.merge else None
+        if block is None:
+            block = result["datasets"][ds] = {"methods": [], "folds": []}
+        block["methods"] = [m for m in METHODS if m in set(block["methods"]) | set(args.methods)]
         for t in tests:
-            folds.append(run_fold(ds, FOLDS[ds], t, args.methods, args.seed))
-            result["datasets"][ds]["mean"] = mean_over_folds(folds, args.methods)
+            fold = run_fold(ds, FOLDS[ds], t, args.methods, args.seed)
+            old = next((f for f in block["folds"] if f["test"] == t), None)
+            if old is None:
+                block["folds"].append(fold)
+                block["folds"].sort(key=lambda f: FOLDS[ds].index(f["test"]))
+            else:
+                merge_fold(old, fold)
+            block["mean"] = mean_over_folds(block["folds"], block["methods"])
             write()
     if not args.no_cross_scale:
         result["cross_scale"] = cross_scale(args.seed)
+    run["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     write(final=True)
+
+
+def merge_fold(old: dict, new: dict) -> None:
+    """Put the methods of a new run of a fold into its earlier record (same genes), fold time adjusted."""
+    if old["genes"] != new["genes"]:
+        raise SystemExit(f"--merge: fold {new['test']} chose other genes than the earlier run")
+    for m, record in new["methods"].items():
+        previous = old["methods"].get(m)
+        old["fold_s"] = round(old["fold_s"] - (previous["time_s"] if previous else 0.0) + record["time_s"], 1)
+        old["methods"][m] = record
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ def main() -> None:
         "timings_s": {"read": round(t_read, 1), "fit": round(t_fit, 1), "predict_and_aggregate": round(t_predict, 1),
                       "total": round(total, 1)},
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
-        "training": {k: model.training[k] for k in ("best_epoch", "epochs_run", "n_tiles", "capture_efficiency")},
+        "training": {k: model.training[k] for k in ("best_epoch", "best_val_loss", "epochs_run", "n_tiles",
+                                                  "capture_efficiency")},
         "fit_params": model.training["params"],
         "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]},
     }

@@ -275,3 +275,33 @@ def test_default_slide_is_realistic():
     assert cv[list(table.var_names).index("GENE00")] > 1.0
     types = set(sdata.shapes["cells"]["cell_type"])
     assert types == set(CELL_TYPES)
+
+
+def test_expected_truth_is_the_truth_without_unexplained_cell_noise():
+    """``truth_expected`` changes nothing else, shares the NOISE fields, and truth / expected per cell follows
+    the two mean-one log-normals (size sd 0.15, cell sd 0.3) for a gene every cell expresses."""
+    kwargs = dict(size_um=768.0, n_genes=14, n_noise_genes=2)
+    plain, both = synthetic(5, **kwargs), synthetic(5, expected_truth=True, **kwargs)
+    assert "truth_expected" not in plain.images
+    for key in ("he", "truth"):
+        np.testing.assert_array_equal(plain.images[key].values, both.images[key].values)
+    np.testing.assert_array_equal(plain.tables["table"].X.toarray(), both.tables["table"].X.toarray())
+    truth = np.asarray(both.images["truth"].values)
+    expected = np.asarray(both.images["truth_expected"].values)
+    assert list(both.images["truth_expected"].c.values) == list(both.images["truth"].c.values)
+    assert recorded_um_per_px(both, "truth_expected") == recorded_um_per_px(both, "truth")
+    np.testing.assert_array_equal(expected[14:16], truth[14:16])  # NOISE genes: the same smooth fields
+    np.testing.assert_allclose(expected[-1], expected[:-1].sum(0), rtol=1e-5, atol=1e-9)
+    assert ((truth > 0) <= (expected > 0)).all()  # nothing is expressed where the expectation is zero
+
+    # GENE00 (a tumour marker with an ambient level in every cell) is expressed by every cell: per cell, the
+    # ratio is size noise x cell noise, whose log is normal with mean -sd^2 / 2 (the median's standard error
+    # here is about 0.012)
+    cells = both.shapes["cells"]
+    inside = shapely.get_coordinates(cells.geometry.representative_point())
+    rows, cols = (inside[:, 1] / 2).astype(int), (inside[:, 0] / 2).astype(int)
+    log_ratio = np.log(truth[0, rows, cols] / expected[0, rows, cols])
+    assert len(cells) > 1000
+    sd = np.hypot(0.15, 0.3)
+    assert abs(np.median(log_ratio) - (-0.5 * sd**2)) < 0.04
+    assert abs(stats.median_abs_deviation(log_ratio, scale="normal") - sd) < 0.05

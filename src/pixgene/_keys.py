@@ -7,6 +7,7 @@ SPOTS_KEY = "spots"
 CELLS_KEY = "cells"
 TABLE_KEY = "table"
 TRUTH_KEY = "truth"
+EXPECTED_TRUTH_KEY = "truth_expected"
 
 #: key of the per-slide record in ``sdata.attrs`` and of parameters in ``adata.uns``
 UNS_KEY = "pixgene"

@@ -14,6 +14,7 @@ Everything is laid out in microns (x to the right, y down, origin at the image's
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -22,7 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from .._keys import CELLS_KEY, IMAGE_KEY, SPOTS_KEY, TABLE_KEY, TOTAL_CHANNEL, TRUTH_KEY, UNS_KEY
+from .._keys import (
+    CELLS_KEY,
+    EXPECTED_TRUTH_KEY,
+    IMAGE_KEY,
+    SPOTS_KEY,
+    TABLE_KEY,
+    TOTAL_CHANNEL,
+    TRUTH_KEY,
+    UNS_KEY,
+)
 from .._units import record_um_per_px, validate_um_per_px
 from .._validate import check_positive, fail
 
@@ -108,6 +118,7 @@ def synthetic(
     spot_pitch_um: float = 100.0,
     truth_um_per_px: float = 2.0,
     counts_scale: float = 1.0,
+    expected_truth: bool = False,
 ) -> Any:
     """A synthetic H&E section with Visium-like spots, segmented cells and ground-truth expression everywhere.
 
@@ -135,6 +146,12 @@ def synthetic(
         Microns per pixel of the ground-truth intensity map.
     counts_scale
         Capture efficiency: spot counts are Poisson(counts_scale x integral of the truth over the spot).
+    expected_truth
+        Also store ``images["truth_expected"]``: the truth's expectation given each cell's type, size and
+        neighbourhood, i.e. without the cell-to-cell variability that no image explains (which cells express a
+        gene, and how much each one deviates from its kind). It is the best any predictor from the histology
+        can do, so scores of a prediction are best read next to this map's scores against the truth. The
+        image, truth, cells and counts are the same with or without it.
 
     Returns
     -------
@@ -151,6 +168,8 @@ def synthetic(
     - ``images["truth"]``: float32 (c, y, x) expected counts per square micron at ``truth_um_per_px``;
       channels are the gene names then ``pixgene_total_counts`` (their sum); overlays the image in every
       coordinate system; its microns per pixel in ``attrs["pixgene"]["um_per_px"]["truth"]``.
+    - ``images["truth_expected"]`` (with ``expected_truth=True``): like ``truth``, the expected intensity
+      given the histology (same smooth fields for the ``NOISE`` genes).
     - ``attrs["pixgene"]["synthetic"]``: the seed and parameters, the cell types, the neighbourhood features,
       and per gene its program (``kind``, expressing ``cell_types``, driving ``feature`` and the
       ``feature_cell_types`` it acts on).
@@ -178,7 +197,9 @@ def synthetic(
     polygons, areas = _territories(cells, layout)
     tick("territories")
     features = _neighbourhood_features(cells, layout)
-    gene_names, programs, cell_counts = _cell_expression(rng_expr, cells["type"], areas, features, n_genes)
+    gene_names, programs, cell_counts, cell_expected = _cell_expression(
+        rng_expr, cells["type"], areas, features, n_genes
+    )
     tick("expression")
 
     image_shape = (_n_px(size_um, um_per_px),) * 2
@@ -198,6 +219,19 @@ def synthetic(
     tick("territory rasters")
 
     noise_names = [f"NOISE{i:0{max(2, len(str(n_noise_genes - 1)))}d}" for i in range(n_noise_genes)]
+    expected = None
+    if expected_truth:
+        # a copy of the noise stream draws the NOISE genes' fields exactly as the truth below does
+        expected = _truth_raster(
+            copy.deepcopy(rng_noise),
+            layout,
+            fine_labels,
+            supersample=supersample,
+            truth_shape=truth_shape,
+            truth_um=truth_um_per_px,
+            cell_intensity=cell_expected / areas[:, None],
+            n_noise=n_noise_genes,
+        )
     truth = _truth_raster(
         rng_noise,
         layout,
@@ -225,6 +259,7 @@ def synthetic(
         spot_diameter_um=spot_diameter_um,
         spot_pitch_um=spot_pitch_um,
         counts_scale=counts_scale,
+        expected_map=expected,
     )
     tick("assemble")
     for name in noise_names:
@@ -240,6 +275,7 @@ def synthetic(
         "spot_pitch_um": float(spot_pitch_um),
         "truth_um_per_px": float(truth_um_per_px),
         "counts_scale": float(counts_scale),
+        "expected_truth": bool(expected_truth),
         "cell_types": list(CELL_TYPES),
         "features": list(FEATURES),
         "gene_programs": programs,
@@ -850,7 +886,8 @@ def _neighbourhood_features(cells, layout) -> dict[str, np.ndarray]:
 
 
 def _cell_expression(rng, types, areas, features, n_genes):
-    """Expected counts per cell and gene, driven by cell type and neighbourhood; and each gene's program."""
+    """Expected counts per cell and gene, driven by cell type and neighbourhood; each gene's program; and the
+    counts' expectation over what no image explains (size noise, cell-to-cell noise, which cells express)."""
     n_types = len(CELL_TYPES)
     programs = []
     for g in range(n_genes):
@@ -889,6 +926,9 @@ def _cell_expression(rng, types, areas, features, n_genes):
         type_area[t] = np.median(areas[types == t])
     size_factor = np.sqrt(areas / type_area[types]) * rng.lognormal(-0.5 * 0.15**2, 0.15, len(types))
     counts = np.zeros((len(types), n_genes), dtype=np.float64)
+    # E[size noise] = E[cell noise] = 1 (mean-one log-normals), E[expressing] = fraction
+    expected = np.zeros_like(counts)
+    explained_size = np.sqrt(areas / type_area[types])
     records = {}
     width = max(2, len(str(n_genes - 1)))
     names = [f"GENE{g:0{width}d}" for g in range(n_genes)]
@@ -897,6 +937,7 @@ def _cell_expression(rng, types, areas, features, n_genes):
         expressing = rng.uniform(size=len(types)) < fraction
         noise = rng.lognormal(-0.5 * 0.3**2, 0.3, len(types))  # cell-to-cell variability no image explains
         counts[:, g] = _DEPTH * size_factor * mean * noise * expressing
+        expected[:, g] = _DEPTH * explained_size * mean * fraction
         peak = base_vec + extra_vec
         records[names[g]] = {
             "kind": kind,
@@ -904,7 +945,7 @@ def _cell_expression(rng, types, areas, features, n_genes):
             "feature": feature,
             "feature_cell_types": [CELL_TYPES[t] for t in np.flatnonzero(extra_vec > 0)],
         }
-    return names, records, counts
+    return names, records, counts, expected
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1235,6 +1276,7 @@ def _assemble(
     spot_diameter_um,
     spot_pitch_um,
     counts_scale,
+    expected_map=None,
 ):
     import geopandas as gpd
     import pandas as pd
@@ -1303,4 +1345,13 @@ def _assemble(
         chunks=(truth.shape[0], 512, 512),
     )
     record_um_per_px(sdata, TRUTH_KEY, truth_um_per_px)
+    if expected_map is not None:
+        sdata.images[EXPECTED_TRUTH_KEY] = Image2DModel.parse(
+            expected_map,
+            dims=("c", "y", "x"),
+            c_coords=[*gene_names, TOTAL_CHANNEL],
+            transformations=truth_transformations,
+            chunks=(expected_map.shape[0], 512, 512),
+        )
+        record_um_per_px(sdata, EXPECTED_TRUTH_KEY, truth_um_per_px)
     return sdata
