@@ -185,3 +185,17 @@ def test_scale_jitter_views_keep_spot_integrals_exact():
             np.testing.assert_allclose(per_spot, area, rtol=1e-6)  # um^2 whatever the view's scale
             n_checked += len(v.spot_ids)
     assert n_checked >= 3 * 6 - 3  # spots stay in their views (at most a few pushed out by the scale)
+
+
+def test_default_training_length_follows_the_number_of_steps():
+    from pixgene.tl._fit import MAX_AUTO_EPOCHS, MIN_EPOCHS, MIN_STEPS, training_length
+
+    # her2st-sized (551 tiles, 69 steps an epoch): the minimum epochs already give >= MIN_STEPS steps
+    assert training_length(551, 8, None, None) == (MIN_EPOCHS, 4)
+    # 230 tiles = 29 steps an epoch: ceil(800 / 29) = 28 epochs, patience a third of them
+    epochs, patience = training_length(230, 8, None, None)
+    assert (epochs, patience) == (28, 9)
+    assert epochs * 29 >= MIN_STEPS > (epochs - 1) * 29
+    assert training_length(3, 8, None, None)[0] == MAX_AUTO_EPOCHS  # one step an epoch: capped
+    assert training_length(230, 8, 5, None) == (5, 4)  # given values are kept
+    assert training_length(230, 8, 30, 2) == (30, 2)

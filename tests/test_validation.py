@@ -124,3 +124,23 @@ def test_bad_input_leaves_the_store_untouched(synthetic_small, tmp_path):
     with pytest.raises(PixgeneInputError):
         pg.tl.predict_dense(backed, key_added="he")
     assert sorted(p.relative_to(path).as_posix() for p in path.rglob("*")) == listing
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"likelihood": "gaussian"}, "likelihood"),
+        ({"scale_jitter": 0.5}, "scale_jitter"),
+        ({"finetune_levels": -1}, "finetune_levels"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"patience": 2.5}, "patience"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"loss_weights": {"l1": 1.0}}, "loss_weights"),
+    ],
+)
+def test_bad_fit_options_fail_before_work(synthetic_small, option, message):
+    before = _elements(synthetic_small)
+    with pytest.raises(PixgeneInputError, match=message):
+        pg.tl.fit(synthetic_small, genes=GENES, progress=False, **option)
+    assert _elements(synthetic_small) == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,10 @@ from .._validate import fail
 from ._inputs import SpotSlide, prepare_spot_slide
 
 logger = logging.getLogger(__name__)
+
+#: the default training length: at least this many epochs and this many optimiser steps (small training sets
+#: get more, shorter epochs), at most ``MAX_AUTO_EPOCHS``
+MIN_EPOCHS, MIN_STEPS, MAX_AUTO_EPOCHS = 12, 800, 100
 
 SELECTED_VAR = "pixgene_selected"
 
@@ -39,6 +44,19 @@ def _resolve_genes(genes: Sequence[str] | None, slides: list[SpotSlide]) -> list
     return list(genes)
 
 
+def training_length(
+    n_tiles: int, batch_size: int, max_epochs: int | None, patience: int | None
+) -> tuple[int, int]:
+    """``(max_epochs, patience)``, the defaults filled in: at least ``MIN_EPOCHS`` epochs and ``MIN_STEPS``
+    optimiser steps, at most ``MAX_AUTO_EPOCHS`` epochs; patience a third of the epochs, at least 4."""
+    if max_epochs is None:
+        steps_per_epoch = math.ceil(n_tiles / batch_size)
+        max_epochs = min(MAX_AUTO_EPOCHS, max(MIN_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch)))
+    if patience is None:
+        patience = max(4, max_epochs // 3)
+    return max_epochs, patience
+
+
 def fit(
     sdata: Any,
     *,
@@ -60,8 +78,8 @@ def fit(
     likelihood: str = "nb",
     loss_weights: dict | None = None,
     val_fraction: float = 0.1,
-    max_epochs: int = 12,
-    patience: int = 4,
+    max_epochs: int | None = None,
+    patience: int | None = None,
     batch_size: int = 8,
     lr: float = 2e-3,
     weight_decay: float = 1e-4,
@@ -101,7 +119,10 @@ def fit(
         ``"nb"`` or ``"poisson"`` count likelihood; weights of the terms ``count``, ``mse`` and ``pearson``
         (defaults 1, 1, 0.5; set one to 0 to switch it off).
     val_fraction, max_epochs, patience, batch_size, lr, weight_decay
-        Held-out validation spots for early stopping and the optimiser's settings.
+        Held-out validation spots for early stopping and the optimiser's settings. The learning rate decays
+        over ``max_epochs`` (cosine, to a tenth). Default ``max_epochs``: 12, or more on small training sets
+        so that training takes at least 800 optimiser steps (at most 100 epochs); default ``patience``:
+        a third of the epochs, at least 4.
     random_state
         Seed for spot split, views and weights: the same seed gives the same model.
 
@@ -129,6 +150,9 @@ def fit(
     if isinstance(finetune_levels, bool) or not isinstance(finetune_levels, int) or finetune_levels < 0:
         fail("finetune_levels", f"{finetune_levels!r} is not a non-negative integer",
              "Pass 0 (frozen encoder) or the number of last pyramid levels to fine-tune, e.g. 1")
+    for name, value in (("max_epochs", max_epochs), ("patience", patience), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            fail(name, f"{value!r} is not a positive integer", "Pass e.g. 12, or None for the default")
     if not 0 < val_fraction < 1:
         fail("val_fraction", f"{val_fraction} is not between 0 and 1", "Pass e.g. 0.1")
     weights = {"count": 1.0, "mse": 1.0, "pearson": 0.5, **(loss_weights or {})}
@@ -190,6 +214,8 @@ def fit(
         train_slides, module, tile=tile, margin=margin, n_views=n_views, stain_strength=stain_jitter, rng=rng,
         scale_jitter=scale_jitter, keep_images=bool(finetune_levels), progress=progress,
     )
+    max_epochs, patience = training_length(cache.n_tiles, batch_size, max_epochs, patience)
+    logger.info("training for at most %d epochs (patience %d) on %d tiles", max_epochs, patience, cache.n_tiles)
     history, summary = train(
         module, cache, n_slides=len(slides), loss=LossWeights(weights["count"], weights["mse"], weights["pearson"],
                                                               likelihood),
