@@ -508,9 +508,13 @@ def _fmt(v, digits: int = 3) -> str:
 
 
 def render(result: dict) -> str:
+    if result.get("runs"):
+        where = f"Seed {result['seed']}. "  # machine and times: per run, listed below
+    else:
+        where = (f"Seed {result['seed']}; {result['machine']}; at the end {result['load_average_at_end']}. "
+                 f"Total run {result['total_s']:.0f} s. ")
     lines = ["# pixgene accuracy benchmark" + ("" if result.get("complete") else " (partial: the run stopped early)"), "",
-             f"Seed {result['seed']}; {result['machine']}; at the end {result['load_average_at_end']}. "
-             f"Total run {result['total_s']:.0f} s. "
+             where +
              "Scores on the held-out section's spots, log1p(1e4 x / total) of the 50 training-section HVGs. "
              "The mean predictor is constant, so its Pearson r is undefined (n/a). Time per fold: the method's "
              "whole run (pixgene: fit, dense prediction over the whole held-out section, read-out); peak RSS: "
@@ -541,6 +545,12 @@ def render(result: dict) -> str:
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines += ["", "Fold wall time (s): " + ", ".join(f"{f['test']} {f['fold_s']:.0f}" for f in block["folds"]),
                   ""]
+        for m in methods:
+            fits = [(f["test"], f["methods"][m]["training"]) for f in block["folds"]
+                    if m in f["methods"] and "fit_s" in f["methods"][m].get("training", {})]
+            if fits:
+                lines += [f"{m} fit alone, s (best epoch / epochs run): " + ", ".join(
+                    f"{t} {i['fit_s']:.0f} ({i['best_epoch']} / {i['epochs_run']})" for t, i in fits), ""]
     if result.get("notes"):
         lines += [result["notes"], ""]
     if result.get("cross_scale"):
