@@ -219,29 +219,20 @@ def synthetic(
     tick("territory rasters")
 
     noise_names = [f"NOISE{i:0{max(2, len(str(n_noise_genes - 1)))}d}" for i in range(n_noise_genes)]
-    expected = None
-    if expected_truth:
-        # a copy of the noise stream draws the NOISE genes' fields exactly as the truth below does
-        expected = _truth_raster(
-            copy.deepcopy(rng_noise),
-            layout,
-            fine_labels,
-            supersample=supersample,
-            truth_shape=truth_shape,
-            truth_um=truth_um_per_px,
-            cell_intensity=cell_expected / areas[:, None],
-            n_noise=n_noise_genes,
-        )
-    truth = _truth_raster(
-        rng_noise,
-        layout,
-        fine_labels,
+    raster = functools.partial(
+        _truth_raster,
+        layout=layout,
+        fine_labels=fine_labels,
         supersample=supersample,
         truth_shape=truth_shape,
         truth_um=truth_um_per_px,
-        cell_intensity=cell_counts / areas[:, None],
         n_noise=n_noise_genes,
     )
+    # a copy of the noise stream draws the NOISE genes' fields exactly as the truth does
+    expected = None
+    if expected_truth:
+        expected = raster(copy.deepcopy(rng_noise), cell_intensity=cell_expected / areas[:, None])
+    truth = raster(rng_noise, cell_intensity=cell_counts / areas[:, None])
     tick("truth")
     image = _render_he(rng_render, layout, cells, image_labels, image_shape, um_per_px)
     tick("image")
@@ -1337,21 +1328,15 @@ def _assemble(
     truth_transformations = {
         cs: Sequence([Scale([factor, factor], axes=("x", "y")), t]) for cs, t in image_transformations.items()
     }
-    sdata.images[TRUTH_KEY] = Image2DModel.parse(
-        truth,
-        dims=("c", "y", "x"),
-        c_coords=[*gene_names, TOTAL_CHANNEL],
-        transformations=truth_transformations,
-        chunks=(truth.shape[0], 512, 512),
-    )
-    record_um_per_px(sdata, TRUTH_KEY, truth_um_per_px)
-    if expected_map is not None:
-        sdata.images[EXPECTED_TRUTH_KEY] = Image2DModel.parse(
-            expected_map,
+    for key, values in ((TRUTH_KEY, truth), (EXPECTED_TRUTH_KEY, expected_map)):
+        if values is None:
+            continue
+        sdata.images[key] = Image2DModel.parse(
+            values,
             dims=("c", "y", "x"),
             c_coords=[*gene_names, TOTAL_CHANNEL],
             transformations=truth_transformations,
-            chunks=(expected_map.shape[0], 512, 512),
+            chunks=(values.shape[0], 512, 512),
         )
-        record_um_per_px(sdata, EXPECTED_TRUTH_KEY, truth_um_per_px)
+        record_um_per_px(sdata, key, truth_um_per_px)
     return sdata
