@@ -389,9 +389,13 @@ def _align(pred_table, measured_table) -> np.ndarray:
 def score(pred: np.ndarray, y: np.ndarray, genes: list[str]) -> dict:
     from pixgene.tl._evaluate import score_matrices
 
-    s = score_matrices(pred.astype(np.float64), y.astype(np.float64), genes).summary
+    return rounded(score_matrices(pred.astype(np.float64), y.astype(np.float64), genes).summary)
+
+
+def rounded(summary: dict) -> dict:
+    """A score summary for JSON: floats to 4 decimals, undefined ones (NaN) as None."""
     return {k: (round(v, 4) if isinstance(v, float) and np.isfinite(v) else (None if isinstance(v, float) else v))
-            for k, v in s.items()}
+            for k, v in summary.items()}
 
 
 def run_fold(dataset: str, sections: tuple[str, ...], test_section: str, methods: list[str], seed: int) -> dict:
@@ -452,7 +456,7 @@ def cross_scale(seed: int, *, size_um: float = 3072.0, n_genes: int = 30) -> lis
             pg.tl.predict_dense(sdata, model, progress=False)
             scores, ceiling = {}, {}
 
-            def score(where: str, shapes: str) -> None:
+            def read_out(where: str, shapes: str) -> None:
                 for dense_key, into in (("he_pixgene", scores), ("truth_expected", ceiling)):
                     table_key = f"{shapes}_{dense_key}_readout"
                     pg.tl.aggregate(sdata, shapes=shapes, dense_key=dense_key, key_added=table_key,
@@ -460,18 +464,15 @@ def cross_scale(seed: int, *, size_um: float = 3072.0, n_genes: int = 30) -> lis
                     into[where] = pg.tl.evaluate(sdata, predicted=table_key, truth="truth", genes=genes).summary
                     del sdata.tables[table_key]
 
-            score("training spots", "spots")
+            read_out("training spots", "spots")
             for b in bins:
                 key = f"bins_{b:g}um"
                 pg.tl.make_grid(sdata, bin_um=b, key_added=key)
-                score(f"{b:g} um bins", key)
+                read_out(f"{b:g} um bins", key)
                 del sdata.shapes[key]
         record["n_spots"] = int(sdata.tables["table"].n_obs)
-
-        def rounded(block: dict) -> dict:
-            return {k: {m: round(v, 4) if isinstance(v, float) else v for m, v in s.items()} for k, s in block.items()}
-
-        record["scores"], record["ceiling"] = rounded(scores), rounded(ceiling)
+        record["scores"] = {k: rounded(v) for k, v in scores.items()}
+        record["ceiling"] = {k: rounded(v) for k, v in ceiling.items()}
         record["fraction_of_ceiling"] = {k: round(scores[k]["PCC@M"] / ceiling[k]["PCC@M"], 3) for k in scores}
         if 8.0 in bins:
             record["pcc_m_8um_over_training_spots"] = round(
@@ -590,8 +591,8 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true",
                         help="update the existing results: the methods and folds run replace theirs, the rest stays")
     args = parser.parse_args()
+    name = "accuracy" + (f"_{args.tag}" if args.tag else "")
     if args.render:
-        name = "accuracy" + (f"_{args.tag}" if args.tag else "")
         result = json.loads((Path(args.out) / f"{name}.json").read_text())
         (Path(args.out) / f"{name}.md").write_text(render(result) + "\n")
         return
@@ -604,7 +605,6 @@ def main() -> None:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "accuracy" + (f"_{args.tag}" if args.tag else "")
     machine = (f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                f"load average at start {os.getloadavg()[0]:.2f}")
     run = {"command": " ".join(["python benchmarks/accuracy.py", *sys.argv[1:]]),
@@ -630,7 +630,7 @@ def main() -> None:
 
     for ds in args.datasets:
         tests = [s for s in FOLDS[ds] if args.folds is None or s in args.folds]
-        block = result["datasets"].get(ds) if args.merge else None
+        block = result["datasets"].get(ds)  # only a merge starts from earlier results
         if block is None:
             block = result["datasets"][ds] = {"methods": [], "folds": []}
         block["methods"] = [m for m in METHODS if m in set(block["methods"]) | set(args.methods)]

@@ -915,11 +915,11 @@ def _cell_expression(rng, types, areas, features, n_genes):
     type_area = np.ones(n_types)
     for t in np.unique(types):
         type_area[t] = np.median(areas[types == t])
-    size_factor = np.sqrt(areas / type_area[types]) * rng.lognormal(-0.5 * 0.15**2, 0.15, len(types))
+    explained_size = np.sqrt(areas / type_area[types])
+    size_factor = explained_size * rng.lognormal(-0.5 * 0.15**2, 0.15, len(types))
     counts = np.zeros((len(types), n_genes), dtype=np.float64)
     # E[size noise] = E[cell noise] = 1 (mean-one log-normals), E[expressing] = fraction
     expected = np.zeros_like(counts)
-    explained_size = np.sqrt(areas / type_area[types])
     records = {}
     width = max(2, len(str(n_genes - 1)))
     names = [f"GENE{g:0{width}d}" for g in range(n_genes)]
