@@ -6,7 +6,9 @@ Datasets and folds
     ``log1p(1e4 * counts / total)`` per spot, total = every gene of the spot. Metrics on the held-out section's
     spots: PCC@F/S/M (first quartile, median, mean over genes of the per-gene Pearson r across spots), MSE, MAE.
 
-Methods (the same frozen encoder everywhere: the bundled ImageNet EfficientNet-Lite0)
+Methods (the same frozen encoder everywhere: the bundled ImageNet EfficientNet-Lite0, reading the images at
+pixgene's default um/px: the encoder's 1 um/px, or an image's own um/px where that is coarser, as on st_mob;
+patch and superpixel sizes are in encoder pixels, so the um below hold at 1 um/px)
     mean      the training-mean expression of each gene (constant: its Pearson r is undefined, shown as n/a)
     ridge     HEST-Benchmark style: encoder embedding of a 224 um patch on each spot (pooled last level),
               PCA to 256 dimensions, ridge with the penalty chosen by cross-validation on the training spots
@@ -399,7 +401,9 @@ def rounded(summary: dict) -> dict:
 
 
 def run_fold(dataset: str, sections: tuple[str, ...], test_section: str, methods: list[str], seed: int) -> dict:
+    from pixgene._units import resolve_um_per_px
     from pixgene.nn._encoders import build_encoder
+    from pixgene.tl._fit import working_um_per_px
 
     t0 = time.perf_counter()
     train_names = [s for s in sections if s != test_section]
@@ -407,11 +411,14 @@ def run_fold(dataset: str, sections: tuple[str, ...], test_section: str, methods
     test_sdata = load_section(dataset, test_section)
     genes = pg.pp.select_genes(train_sdatas, n_top=N_GENES, flavor="hvg")
     encoder = build_encoder("efficientnet_lite0").eval()
+    # every method reads the images at pixgene's default um/px (the encoder's, or the images' own if coarser)
+    encoder.um_per_px = working_um_per_px(encoder.um_per_px, [resolve_um_per_px(sd, "he") for sd in train_sdatas])
     train = [spots_of(n, sd, genes, encoder.um_per_px) for n, sd in zip(train_names, train_sdatas, strict=True)]
     test = spots_of(test_section, test_sdata, genes, encoder.um_per_px)
     fold = {"dataset": dataset, "test": test_section, "train": train_names, "genes": genes,
             "n_train_spots": int(sum(len(s.y) for s in train)), "n_test_spots": int(len(test.y)),
-            "spot_diameter_um": round(2 * test.radius * encoder.um_per_px, 1), "methods": {}}
+            "spot_diameter_um": round(2 * test.radius * encoder.um_per_px, 1),
+            "encoder_um_per_px": round(encoder.um_per_px, 3), "methods": {}}
     log.info("%s fold %s: %d train / %d test spots", dataset, test_section, fold["n_train_spots"],
              fold["n_test_spots"])
     for method in methods:
@@ -432,6 +439,20 @@ def run_fold(dataset: str, sections: tuple[str, ...], test_section: str, methods
                  record["PCC@M"], record["PCC@S"], record["time_s"], record["peak_rss_gb"])
     fold["fold_s"] = round(time.perf_counter() - t0, 1)
     return fold
+
+
+def run_fold_apart(dataset: str, test_section: str, methods: list[str], seed: int) -> dict:
+    """:func:`run_fold` in a fresh Python process: a fold's time and peak memory are its own, not shaped by
+    what earlier folds left in this process's heap."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "fold.json"
+        cmd = [sys.executable, __file__, "--datasets", dataset, "--folds", test_section, "--methods", *methods,
+               "--seed", str(seed), "--no-cross-scale", "--fold-json", str(out)]
+        subprocess.run(cmd, check=True)
+        return {**json.loads(out.read_text()), "own_process": True}
 
 
 # --------------------------------------------------------------------------------------------- cross-scale
@@ -519,7 +540,8 @@ def render(result: dict) -> str:
              "Scores on the held-out section's spots, log1p(1e4 x / total) of the 50 training-section HVGs. "
              "The mean predictor is constant, so its Pearson r is undefined (n/a). Time per fold: the method's "
              "whole run (pixgene: fit, dense prediction over the whole held-out section, read-out); peak RSS: "
-             "the benchmark process while the method ran (data of the fold included).", ""]
+             "the process that ran the fold, while the method ran (data of the fold included). Each fold runs in "
+             "a fresh process; folds from runs before that was so are listed per dataset as sharing one.", ""]
     if result.get("runs"):
         lines += ["Runs whose results are in these tables (a later run's methods replace an earlier one's):", ""]
         lines += [f"- `{r['command']}`: {r['started']} to {r.get('finished', '(stopped early)')}; {r['machine']}"
@@ -529,7 +551,7 @@ def render(result: dict) -> str:
         methods = block["methods"]
         n = len(block["folds"])
         lines += [f"## {ds}: leave one section out ({n} fold{'s' if n > 1 else ''}), mean over folds", "",
-                  "| method | PCC@F | PCC@S | PCC@M | MSE | MAE | time per fold (s) | process peak RSS (GB) |",
+                  "| method | PCC@F | PCC@S | PCC@M | MSE | MAE | time per fold (s) | peak RSS (GB) |",
                   "|---|---|---|---|---|---|---|---|"]
         for m in methods:
             a = block["mean"][m]
@@ -545,7 +567,11 @@ def render(result: dict) -> str:
                 cells.append(f"{_fmt(r.get('PCC@M'))} / {_fmt(r.get('PCC@S'))}")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines += ["", "Fold wall time (s): " + ", ".join(f"{f['test']} {f['fold_s']:.0f}" for f in block["folds"]),
-                  ""]
+                  "", "Fold run in its own process: " + ", ".join(
+                      f"{f['test']} {'yes' if f.get('own_process') else 'no (one process for all folds)'}"
+                      for f in block["folds"]),
+                  "", "Every method reads the images at (um/px): " + ", ".join(
+                      f"{f['test']} {f.get('encoder_um_per_px', 'n/a')}" for f in block["folds"]), ""]
         for m in methods:
             fits = [(f["test"], f["methods"][m]["training"]) for f in block["folds"]
                     if m in f["methods"] and "fit_s" in f["methods"][m].get("training", {})]
@@ -590,6 +616,7 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the existing .json")
     parser.add_argument("--merge", action="store_true",
                         help="update the existing results: the methods and folds run replace theirs, the rest stays")
+    parser.add_argument("--fold-json", default=None, help=argparse.SUPPRESS)  # one fold, in a child process
     args = parser.parse_args()
     name = "accuracy" + (f"_{args.tag}" if args.tag else "")
     if args.render:
@@ -599,6 +626,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("pixgene", "numba", "lightning", "pytorch_lightning"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.fold_json:
+        (ds,), (test,) = args.datasets, args.folds
+        fold = run_fold(ds, FOLDS[ds], test, args.methods, args.seed)
+        Path(args.fold_json).write_text(json.dumps(fold))
+        return
 
     import torch
 
@@ -635,7 +667,7 @@ def main() -> None:
             block = result["datasets"][ds] = {"methods": [], "folds": []}
         block["methods"] = [m for m in METHODS if m in set(block["methods"]) | set(args.methods)]
         for t in tests:
-            fold = run_fold(ds, FOLDS[ds], t, args.methods, args.seed)
+            fold = run_fold_apart(ds, t, args.methods, args.seed)
             old = next((f for f in block["folds"] if f["test"] == t), None)
             if old is None:
                 block["folds"].append(fold)
@@ -654,6 +686,12 @@ def merge_fold(old: dict, new: dict) -> None:
     """Put the methods of a new run of a fold into its earlier record (same genes), fold time adjusted."""
     if old["genes"] != new["genes"]:
         raise SystemExit(f"--merge: fold {new['test']} chose other genes than the earlier run")
+    kept = sorted(set(old["methods"]) - set(new["methods"]))
+    if old.get("encoder_um_per_px") != new["encoder_um_per_px"] and kept:
+        raise SystemExit(f"--merge: fold {new['test']} now reads the images at {new['encoder_um_per_px']} um/px, the "
+                         f"earlier run at {old.get('encoder_um_per_px')}; rerun its other methods too: {kept}")
+    old["encoder_um_per_px"] = new["encoder_um_per_px"]
+    old["own_process"] = new.get("own_process", False) and (not kept or old.get("own_process", False))
     for m, record in new["methods"].items():
         previous = old["methods"].get(m)
         old["fold_s"] = round(old["fold_s"] - (previous["time_s"] if previous else 0.0) + record["time_s"], 1)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import pixgene as pg
-from pixgene._raster import full_resolution
+from pixgene._raster import full_resolution, to_float01
 
 #: a cheap configuration for the tests that compare two runs of the same settings (not tiling exactness)
 FAST = {"chunk_px": 40, "halo_px": 64, "progress": False}
@@ -73,22 +73,25 @@ def _values(element) -> np.ndarray:
     return np.asarray(full_resolution(element).values)
 
 
-def _tiled_vs_one_pass(sdata, model, key: str) -> float:
-    """Relative max difference between predict_dense (default halo, 2 x 2 chunks) and one whole-image pass."""
-    from pixgene.data._reader import SlideReader
+def _tiled_vs_one_pass(sdata, model, key: str, whole_image=None) -> float:
+    """Relative max difference between predict_dense (default halo, 2 x 2 chunks, at the model's output um/px)
+    and one whole-image pass (``whole_image``: the image as the encoder reads it, default read at 1 um/px)."""
+    from pixgene.data._reader import BACKGROUND, SlideReader
     from pixgene.tl._predict import tiling_halo
 
     halo, edge_error = tiling_halo(model)
     assert halo % model.alignment == 0 and edge_error < 1e-4
     # 80 output px = 320 encoder px: chunk edges that do not all fall on the alignment grid
-    el = pg.tl.predict_dense(sdata, model, key_added=key, chunk_px=80, skip_background=False,
-                             scale_factors=None, progress=False)
+    el = pg.tl.predict_dense(sdata, model, key_added=key, um_per_px=model.out_um_per_px, chunk_px=80,
+                             skip_background=False, scale_factors=None, progress=False)
     tiled = _values(el)
     assert sdata.attrs["pixgene"]["dense"][key]["halo_px"] == halo
-    reader = SlideReader(sdata.images["he"], image_um=1.0, target_um=model.encoder_um_per_px)
+    if whole_image is None:
+        reader = SlideReader(sdata.images["he"], image_um=1.0, target_um=model.encoder_um_per_px)
+        whole_image = reader.read(0, 0, reader.shape[1], reader.shape[0])
     pad = halo + 2 * model.alignment  # white glass around the slide, as the tiles see it
-    H, W = reader.shape
-    whole = model.predict_intensity(reader.read(-pad, -pad, W + 2 * pad, H + 2 * pad))
+    padded = np.pad(whole_image, ((0, 0), (pad, pad), (pad, pad)), constant_values=BACKGROUND)
+    whole = model.predict_intensity(padded)
     s = pad // model.out_stride
     whole = whole[:, s : s + tiled.shape[1], s : s + tiled.shape[2]]
     return float(np.abs(tiled - whole).max() / np.abs(whole).max())
@@ -107,6 +110,27 @@ def test_tiled_map_of_the_default_architecture_equals_one_pass(fitted_session):
         assert _tiled_vs_one_pass(sdata, model, "tiled_fusion") < 1e-4
     finally:
         del sdata.images["tiled_fusion"]
+
+
+def test_coarse_image_is_encoded_at_its_own_um_per_px(tmp_path):
+    """A 2 um/px slide: fit reads it as it is (no upsampling for the 1 um/px encoder), the saved model keeps that
+    um/px, and its dense map equals one pass of the model over the raw image pixels."""
+    from pixgene.tl import PixNet
+    from pixgene.tl._fit import working_um_per_px
+
+    assert working_um_per_px(1.0, [0.73, 0.5]) == 1.0  # finer images: the encoder's own um/px
+    assert working_um_per_px(1.0, [5.2, 4.46]) == 4.46  # coarser: the finest slide as it is
+    assert working_um_per_px(0.5, [0.73]) == 0.73
+    assert working_um_per_px(1.0, [4.46], requested=2.0) == 2.0
+    sdata = pg.datasets.synthetic(seed=3, size_um=640.0, um_per_px=2.0)
+    model = pg.tl.fit(sdata, genes=["GENE00", "GENE01"], decoder="conv", width=8, max_epochs=1, n_views=1,
+                      progress=False)
+    assert model.encoder_um_per_px == 2.0 and model.out_um_per_px == 8.0
+    model.save(tmp_path / "m")
+    assert PixNet.load(tmp_path / "m").encoder_um_per_px == 2.0
+    raw = to_float01(np.asarray(full_resolution(sdata.images["he"]).values))
+    assert raw.shape[1:] == (320, 320)
+    assert _tiled_vs_one_pass(sdata, model, "coarse", whole_image=raw) < 1e-4
 
 
 def test_halo_is_measured_once_per_model(model):

@@ -57,6 +57,14 @@ def training_length(
     return max_epochs, patience
 
 
+def working_um_per_px(native: float, image_um: Sequence[float], requested: float | None = None) -> float:
+    """The um/px the encoder reads the slides at: ``requested`` if given, else the encoder's native um/px, or
+    the finest slide's own um/px when that is coarser (upsampling adds no detail, only cost)."""
+    if requested is not None:
+        return float(requested)
+    return float(max(native, min(image_um)))
+
+
 def fit(
     sdata: Any,
     *,
@@ -67,6 +75,7 @@ def fit(
     um_per_px: float | Sequence[float | None] | None = None,
     encoder: str = "efficientnet_lite0",
     encoder_weights: str | None = "default",
+    encoder_um_per_px: float | None = None,
     decoder: str = "fusion",
     width: int = 48,
     out_stride: int = 4,
@@ -101,6 +110,11 @@ def fit(
         Microns per image pixel (one value or one per slide); default: recorded by the reader or derived.
     encoder, encoder_weights
         Frozen encoder from :func:`pixgene.nn.build_encoder` (default: bundled ImageNet EfficientNet-Lite0).
+    encoder_um_per_px
+        Microns per pixel the encoder reads the images at (recorded in the model; prediction reads at the same).
+        Default: the encoder's native um/px (1.0 for EfficientNet-Lite0, 0.5 for UNI2), or the finest slide's
+        own um/px when that is coarser: images are never upsampled for the encoder (a 4.5 um/px ST image is
+        read as it is, not blown up 4.5 times: more tissue context per tile and a twentieth of the pixels).
     decoder
         ``"fusion"`` (PixNet's fusion blocks) or ``"conv"`` (plain U-Net blocks).
     width, out_stride
@@ -150,6 +164,12 @@ def fit(
     if isinstance(finetune_levels, bool) or not isinstance(finetune_levels, int) or finetune_levels < 0:
         fail("finetune_levels", f"{finetune_levels!r} is not a non-negative integer",
              "Pass 0 (frozen encoder) or the number of last pyramid levels to fine-tune, e.g. 1")
+    if encoder_um_per_px is not None and not (
+        isinstance(encoder_um_per_px, int | float) and not isinstance(encoder_um_per_px, bool)
+        and math.isfinite(encoder_um_per_px) and encoder_um_per_px > 0
+    ):
+        fail("encoder_um_per_px", f"{encoder_um_per_px!r} is not a positive number",
+             "Pass e.g. 1.0, or None for the encoder's native um/px")
     for name, value in (("max_epochs", max_epochs), ("patience", patience), ("batch_size", batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             fail(name, f"{value!r} is not a positive integer", "Pass e.g. 12, or None for the default")
@@ -173,6 +193,8 @@ def fit(
     from ..nn._encoders import build_encoder
 
     enc = build_encoder(encoder, weights=encoder_weights)
+    enc.um_per_px = working_um_per_px(enc.um_per_px, [s.um_per_px for s in slides], encoder_um_per_px)
+    logger.info("the encoder reads the images at %.3g um/px", enc.um_per_px)
     module = build_module(
         enc.config(), encoder_weights, n_outputs=len(genes) + 1, decoder_config=decoder_config, encoder=enc
     )
