@@ -452,7 +452,10 @@ def run_fold_apart(dataset: str, test_section: str, methods: list[str], seed: in
         cmd = [sys.executable, __file__, "--datasets", dataset, "--folds", test_section, "--methods", *methods,
                "--seed", str(seed), "--no-cross-scale", "--fold-json", str(out)]
         subprocess.run(cmd, check=True)
-        return {**json.loads(out.read_text()), "own_process": True}
+        fold = json.loads(out.read_text())
+    for record in fold["methods"].values():
+        record["own_process"] = True
+    return fold
 
 
 # --------------------------------------------------------------------------------------------- cross-scale
@@ -541,7 +544,7 @@ def render(result: dict) -> str:
              "The mean predictor is constant, so its Pearson r is undefined (n/a). Time per fold: the method's "
              "whole run (pixgene: fit, dense prediction over the whole held-out section, read-out); peak RSS: "
              "the process that ran the fold, while the method ran (data of the fold included). Each fold runs in "
-             "a fresh process; folds from runs before that was so are listed per dataset as sharing one.", ""]
+             "a fresh process; results from runs before that was so are listed per dataset.", ""]
     if result.get("runs"):
         lines += ["Runs whose results are in these tables (a later run's methods replace an earlier one's):", ""]
         lines += [f"- `{r['command']}`: {r['started']} to {r.get('finished', '(stopped early)')}; {r['machine']}"
@@ -567,9 +570,10 @@ def render(result: dict) -> str:
                 cells.append(f"{_fmt(r.get('PCC@M'))} / {_fmt(r.get('PCC@S'))}")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines += ["", "Fold wall time (s): " + ", ".join(f"{f['test']} {f['fold_s']:.0f}" for f in block["folds"]),
-                  "", "Fold run in its own process: " + ", ".join(
-                      f"{f['test']} {'yes' if f.get('own_process') else 'no (one process for all folds)'}"
-                      for f in block["folds"]),
+                  "", "Methods run in a fresh process for their fold (the others shared one process with the "
+                      "earlier folds of their run): " + "; ".join(
+                          f"{f['test']} " + (", ".join(m for m, r in f["methods"].items() if r.get("own_process"))
+                                             or "none") for f in block["folds"]),
                   "", "Every method reads the images at (um/px): " + ", ".join(
                       f"{f['test']} {f.get('encoder_um_per_px', 'n/a')}" for f in block["folds"]), ""]
         for m in methods:
@@ -691,7 +695,6 @@ def merge_fold(old: dict, new: dict) -> None:
         raise SystemExit(f"--merge: fold {new['test']} now reads the images at {new['encoder_um_per_px']} um/px, the "
                          f"earlier run at {old.get('encoder_um_per_px')}; rerun its other methods too: {kept}")
     old["encoder_um_per_px"] = new["encoder_um_per_px"]
-    old["own_process"] = new.get("own_process", False) and (not kept or old.get("own_process", False))
     for m, record in new["methods"].items():
         previous = old["methods"].get(m)
         old["fold_s"] = round(old["fold_s"] - (previous["time_s"] if previous else 0.0) + record["time_s"], 1)
