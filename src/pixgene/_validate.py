@@ -5,6 +5,7 @@ Every message names the element, the problem and the fix, and every check runs b
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -85,6 +86,8 @@ def check_raw_counts(X: Any, where: str) -> None:
         )
 
 
-def check_positive(value: float | None, name: str, element: str) -> None:
-    if value is not None and not (np.isfinite(value) and value > 0):
-        fail(element, f"{name}={value!r} is not a positive number", f"Pass a positive {name}.")
+def check_positive(value: float | None, name: str, element: str, fix: str | None = None) -> None:
+    """``None`` or a finite number above 0 (not a bool, not a string)."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    if value is not None and not (number and np.isfinite(value) and value > 0):
+        fail(element, f"{name}={value!r} is not a positive number", fix or f"Pass a positive {name}.")

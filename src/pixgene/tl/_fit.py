@@ -11,7 +11,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, UNS_KEY
-from .._validate import fail
+from .._validate import check_positive, fail
 from ._inputs import SpotSlide, prepare_spot_slide
 
 logger = logging.getLogger(__name__)
@@ -164,12 +164,8 @@ def fit(
     if isinstance(finetune_levels, bool) or not isinstance(finetune_levels, int) or finetune_levels < 0:
         fail("finetune_levels", f"{finetune_levels!r} is not a non-negative integer",
              "Pass 0 (frozen encoder) or the number of last pyramid levels to fine-tune, e.g. 1")
-    if encoder_um_per_px is not None and not (
-        isinstance(encoder_um_per_px, int | float) and not isinstance(encoder_um_per_px, bool)
-        and math.isfinite(encoder_um_per_px) and encoder_um_per_px > 0
-    ):
-        fail("encoder_um_per_px", f"{encoder_um_per_px!r} is not a positive number",
-             "Pass e.g. 1.0, or None for the encoder's native um/px")
+    check_positive(encoder_um_per_px, "encoder_um_per_px", "fit",
+                   "Pass e.g. 1.0, or None for the encoder's native um/px")
     for name, value in (("max_epochs", max_epochs), ("patience", patience), ("batch_size", batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             fail(name, f"{value!r} is not a positive integer", "Pass e.g. 12, or None for the default")
