@@ -199,3 +199,39 @@ def test_default_training_length_follows_the_number_of_steps():
     assert training_length(3, 8, None, None)[0] == MAX_AUTO_EPOCHS  # one step an epoch: capped
     assert training_length(230, 8, 5, None) == (5, 4)  # given values are kept
     assert training_length(230, 8, 30, 2) == (30, 2)
+
+
+def test_feature_stats_match_numpy_over_every_tile_and_view():
+    from pixgene.data._training import TrainingCache, feature_stats
+
+    rng = np.random.default_rng(0)
+    # 37 tiles (not a multiple of the chunk), 3 views, two levels of different widths and scales
+    feats = [torch.from_numpy((rng.normal(2.0, 5.0, (37, 3, 6, 4, 4))).astype(np.float16)),
+             torch.from_numpy((rng.normal(-1.0, 0.1, (37, 3, 5, 2, 2))).astype(np.float16))]
+    cache = TrainingCache(features=feats, views=[[None] * 3] * 37, slides=[], tile=16, out_stride=4, levels=[1, 3])
+    means, stds = feature_stats(cache, module=None)
+    for f, i in zip(feats, (1, 3), strict=True):
+        ref = f.numpy().astype(np.float64).transpose(2, 0, 1, 3, 4).reshape(f.shape[2], -1)
+        np.testing.assert_allclose(means[i].numpy(), ref.mean(1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stds[i].numpy(), ref.std(1), rtol=1e-4)
+
+
+@pytest.mark.parametrize("block", ["fusion", "conv"])
+def test_standardising_decoder_equals_plain_decoder_on_standardised_features(block):
+    from pixgene.nn._decoder import Decoder
+
+    torch.manual_seed(0)
+    channels, reductions = [3, 4, 6, 8], [2, 4, 8, 16]
+    plain = Decoder(channels, reductions, width=8, block=block, window=2).eval()
+    standard = Decoder(channels, reductions, width=8, block=block, window=2, standardize=True).eval()
+    standard.load_state_dict(plain.state_dict(), strict=False)
+    feats = [torch.randn(1, c, 32 // r, 32 // r) * 3 + 1 for c, r in zip(channels, reductions, strict=True)]
+    means = {i: torch.randn(channels[i]) for i in standard.levels}
+    stds = {i: torch.rand(channels[i]) + 0.5 for i in standard.levels}
+    standard.set_feature_stats(means, stds)
+    by_hand = [f if i not in means else (f - means[i][:, None, None]) / stds[i][:, None, None]
+               for i, f in enumerate(feats)]
+    with torch.no_grad():
+        np.testing.assert_allclose(standard(feats).numpy(), plain(by_hand).numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="standardize=True"):
+        plain.set_feature_stats(means, stds)

@@ -138,6 +138,7 @@ def test_bad_input_leaves_the_store_untouched(synthetic_small, tmp_path):
         ({"batch_size": 0}, "batch_size"),
         ({"loss_weights": {"l1": 1.0}}, "loss_weights"),
         ({"encoder_um_per_px": 0.0}, "encoder_um_per_px"),
+        ({"standardize_features": "yes"}, "standardize_features"),
     ],
 )
 def test_bad_fit_options_fail_before_work(synthetic_small, option, message):

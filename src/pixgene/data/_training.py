@@ -196,3 +196,38 @@ def _random_shift(c, radius, x0, y0, tile, margin, stride, rng) -> tuple[int, in
     dx = int(rng.integers(int(lo[0]), int(hi[0]) + 1)) if hi[0] >= lo[0] else 0
     dy = int(rng.integers(int(lo[1]), int(hi[1]) + 1)) if hi[1] >= lo[1] else 0
     return dx * stride, dy * stride
+
+
+def feature_stats(cache: TrainingCache, module) -> tuple[dict, dict]:
+    """Per-channel mean and standard deviation of every cached decoder level over all tiles and views.
+
+    With a fine-tuned encoder (pixels cached instead of features) the frozen encoder is run once over the plain
+    view of every tile.
+    """
+    import torch
+
+    sums: dict[int, torch.Tensor] = {}
+    squares: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+
+    def add(i: int, x: torch.Tensor) -> None:  # x (..., C, h, w)
+        x = x.float().movedim(-3, 0).reshape(x.shape[-3], -1)
+        sums[i] = sums.get(i, 0) + x.sum(1).double()
+        squares[i] = squares.get(i, 0) + x.square().sum(1).double()
+        counts[i] = counts.get(i, 0) + x.shape[1]
+
+    chunk = 16
+    if cache.features is not None:
+        for f, i in zip(cache.features, cache.levels, strict=True):
+            for t in range(0, f.shape[0], chunk):
+                add(i, f[t : t + chunk])
+    else:
+        device = next(module.encoder.parameters()).device
+        with torch.inference_mode():
+            for t in range(0, cache.images.shape[0], chunk):
+                out = module.encode(cache.images[t : t + chunk, 0].float().div(255.0).to(device))
+                for i in cache.levels:
+                    add(i, out[i].cpu())
+    means = {i: (sums[i] / counts[i]).float() for i in sums}
+    stds = {i: (squares[i] / counts[i] - (sums[i] / counts[i]).square()).clamp_min(0).sqrt().float() for i in sums}
+    return means, stds

@@ -128,6 +128,7 @@ class Decoder(nn.Module):
         block: str = "fusion",
         heads: int = 4,
         window: int = 8,
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         if block not in BLOCKS:
@@ -137,6 +138,13 @@ class Decoder(nn.Module):
         self.levels = [i for i, r in enumerate(reductions) if r >= out_stride]
         self.reductions = reductions
         self.out_stride = out_stride
+        self.standardize = standardize
+        if standardize:
+            # per-channel shift and scale of each used encoder level, set from the training features
+            # (:meth:`set_feature_stats`) and saved with the weights; identity until then
+            for i in self.levels:
+                self.register_buffer(f"feature_mean_{i}", torch.zeros(channels[i]))
+                self.register_buffer(f"feature_inv_std_{i}", torch.ones(channels[i]))
         coarsest = self.levels[-1]
         self.top = nn.Sequential(nn.Conv2d(channels[coarsest], width, 1), SkipRefine(width))
         self.blocks = nn.ModuleList(
@@ -148,10 +156,26 @@ class Decoder(nn.Module):
             [max(reductions)] + ([reductions[i] * window for i in self.levels[:-1]] if attention else [])
         )
 
+    def set_feature_stats(self, means: dict[int, torch.Tensor], stds: dict[int, torch.Tensor]) -> None:
+        """Standardise level ``i`` as (f - means[i]) / stds[i] per channel from now on."""
+        if not self.standardize:
+            raise ValueError("this decoder was built without standardize=True")
+        for i in self.levels:
+            getattr(self, f"feature_mean_{i}").copy_(means[i])
+            getattr(self, f"feature_inv_std_{i}").copy_(1.0 / stds[i].clamp_min(1e-6))
+
+    def _level(self, features: list[torch.Tensor], i: int) -> torch.Tensor:
+        f = features[i]
+        if not self.standardize:
+            return f
+        mean = getattr(self, f"feature_mean_{i}").to(f.dtype)
+        inv = getattr(self, f"feature_inv_std_{i}").to(f.dtype)
+        return (f - mean[:, None, None]) * inv[:, None, None]
+
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        x = self.top(features[self.levels[-1]])
+        x = self.top(self._level(features, self.levels[-1]))
         for block, i in zip(self.blocks, reversed(self.levels[:-1]), strict=True):
-            skip = features[i]
+            skip = self._level(features, i)
             up = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(skip, up)
         return x

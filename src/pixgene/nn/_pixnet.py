@@ -21,12 +21,13 @@ class PixNetModule(nn.Module):
         block: str = "fusion",
         heads: int = 4,
         window: int = 8,
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = Decoder(
             list(encoder.channels), list(encoder.reductions), width=width, out_stride=out_stride, block=block,
-            heads=heads, window=window,
+            heads=heads, window=window, standardize=standardize,
         )
         self.head = IntensityHead(width, n_outputs)
         self.out_stride = out_stride

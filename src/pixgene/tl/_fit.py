@@ -79,6 +79,7 @@ def fit(
     decoder: str = "fusion",
     width: int = 48,
     out_stride: int = 4,
+    standardize_features: bool = True,
     tile_px: int | None = None,
     n_views: int = 4,
     stain_jitter: float = 0.05,
@@ -120,6 +121,11 @@ def fit(
     width, out_stride
         Decoder width and output stride in encoder pixels (the model's output pixel is
         ``out_stride * encoder.um_per_px`` microns).
+    standardize_features
+        Standardise every encoder channel the decoder reads (mean 0, sd 1 over the training tiles and views) before
+        the decoder's first layer. Frozen features differ in scale by orders of magnitude from channel to channel;
+        standardised, the few hundred optimiser steps of a small training set go much further. The shift and scale
+        are saved with the model and applied at prediction.
     tile_px, n_views, stain_jitter
         Training tile size in encoder pixels (default: fits the spots with context), number of cached views
         per tile (view 0 plain; others a random dihedral transform, shift and stain jitter of this strength).
@@ -147,7 +153,7 @@ def fit(
     records its id and genes.
     """
     from ..data._reader import SlideReader
-    from ..data._training import SlideSpots, build_cache
+    from ..data._training import SlideSpots, build_cache, feature_stats
     from ._model import PixNet, build_module, remember_model, trainable_encoder_keys
     from ._train import LossWeights, train
 
@@ -164,6 +170,8 @@ def fit(
     if isinstance(finetune_levels, bool) or not isinstance(finetune_levels, int) or finetune_levels < 0:
         fail("finetune_levels", f"{finetune_levels!r} is not a non-negative integer",
              "Pass 0 (frozen encoder) or the number of last pyramid levels to fine-tune, e.g. 1")
+    if not isinstance(standardize_features, bool | np.bool_):
+        fail("standardize_features", f"{standardize_features!r} is not True or False", "Pass True (default) or False")
     check_positive(encoder_um_per_px, "encoder_um_per_px", "fit",
                    "Pass e.g. 1.0, or None for the encoder's native um/px")
     for name, value in (("max_epochs", max_epochs), ("patience", patience), ("batch_size", batch_size)):
@@ -186,6 +194,8 @@ def fit(
     torch.manual_seed(random_state)
     rng = np.random.default_rng(random_state)
     decoder_config = {"width": width, "out_stride": out_stride, "block": decoder}
+    if standardize_features:
+        decoder_config["standardize"] = True
     from ..nn._encoders import build_encoder
 
     enc = build_encoder(encoder, weights=encoder_weights)
@@ -232,6 +242,8 @@ def fit(
         train_slides, module, tile=tile, margin=margin, n_views=n_views, stain_strength=stain_jitter, rng=rng,
         scale_jitter=scale_jitter, keep_images=bool(finetune_levels), progress=progress,
     )
+    if standardize_features:
+        module.decoder.set_feature_stats(*feature_stats(cache, module))
     max_epochs, patience = training_length(cache.n_tiles, batch_size, max_epochs, patience)
     logger.info("training for at most %d epochs (patience %d) on %d tiles", max_epochs, patience, cache.n_tiles)
     history, summary = train(
