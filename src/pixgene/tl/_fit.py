@@ -123,9 +123,10 @@ def fit(
         ``out_stride * encoder.um_per_px`` microns).
     standardize_features
         Standardise every encoder channel the decoder reads (mean 0, sd 1 over the training tiles and views) before
-        the decoder's first layer. Frozen features differ in scale by orders of magnitude from channel to channel;
-        standardised, the few hundred optimiser steps of a small training set go much further. The shift and scale
-        are saved with the model and applied at prediction.
+        the decoder's first layer. Frozen features are far from centred and unevenly spread (EfficientNet-Lite0 on
+        her2st and st_mob tiles: channel means from -30 to +26, standard deviations from 0.7 to 12); standardised,
+        the few hundred optimiser steps of a small training set go much further. The shift and scale are saved
+        with the model and applied at prediction.
     tile_px, n_views, stain_jitter
         Training tile size in encoder pixels (default: fits the spots with context), number of cached views
         per tile (view 0 plain; others a random dihedral transform, shift and stain jitter of this strength).
