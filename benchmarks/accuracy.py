@@ -20,7 +20,8 @@ patch and superpixel sizes are in encoder pixels, so the um below hold at 1 um/p
               over its spots
     ablations pixgene with the plain conv decoder (``pixgene_conv``), with the MSE term only
               (``pixgene_mse``), without stain augmentation (``pixgene_nostain``), on the encoder's raw
-              features instead of standardised ones (``pixgene_raw``)
+              features instead of standardised ones (``pixgene_raw``), standardised with the training tiles'
+              statistics instead of each slide's own (``pixgene_pooled``)
 
 Cross-scale (synthetic data, truth known everywhere)
     Fit on 100 um spots only, read the dense map out over 2, 8, 16 and 55 um square bins and over the
@@ -57,6 +58,7 @@ FOLDS = {"her2st": ("C2", "C3", "C4", "C5"), "st_mob": ("MOB1", "MOB2", "MOB3")}
 BASELINES = ("mean", "ridge", "stnet", "istar")
 PIXGENE = {
     "pixgene": {},
+    "pixgene_pooled": {"standardize_features": "training"},
     "pixgene_raw": {"standardize_features": False},
     "pixgene_conv": {"decoder": "conv"},
     "pixgene_mse": {"loss_weights": {"count": 0.0, "mse": 1.0, "pearson": 0.0}},

@@ -235,3 +235,161 @@ def test_standardising_decoder_equals_plain_decoder_on_standardised_features(blo
         np.testing.assert_allclose(standard(feats).numpy(), plain(by_hand).numpy(), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="standardize=True"):
         plain.set_feature_stats(means, stds)
+
+
+def test_pool_stats_are_the_moments_of_the_slides_together():
+    from pixgene.data._training import pool_stats
+
+    rng = np.random.default_rng(1)
+    samples = [rng.normal(loc, scale, (4, 500)) for loc, scale in ((0.0, 1.0), (3.0, 0.5), (-2.0, 4.0))]
+    stats = [({2: torch.from_numpy(s.mean(1)).float()}, {2: torch.from_numpy(s.std(1)).float()}) for s in samples]
+    means, stds = pool_stats(stats)
+    together = np.concatenate(samples, axis=1)
+    np.testing.assert_allclose(means[2].numpy(), together.mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stds[2].numpy(), together.std(1), rtol=1e-5)
+
+
+def test_standardize_cache_uses_each_slides_own_statistics():
+    from pixgene.data._training import TileView, TrainingCache, standardize_cache
+
+    rng = np.random.default_rng(2)
+    n_tiles, slide_of = 7, np.array([0, 1, 1, 0, 1, 0, 0])
+    raw = rng.normal(5.0, 3.0, (n_tiles, 2, 3, 4, 4)).astype(np.float32)
+    views = [[TileView(int(s), np.zeros(0, int), np.zeros(0, int), np.zeros(0, int), np.zeros(0), 0)] * 2
+             for s in slide_of]
+    with torch.inference_mode():
+        feats = [torch.from_numpy(raw.copy())]
+    cache = TrainingCache(features=feats, views=views, slides=[], tile=16, out_stride=4, levels=[2])
+    stats = [({2: torch.tensor([1.0, 2.0, 3.0])}, {2: torch.tensor([0.5, 2.0, 4.0])}),
+             ({2: torch.tensor([-1.0, 0.0, 6.0])}, {2: torch.tensor([1.0, 3.0, 0.25])})]
+    standardize_cache(cache, stats)
+    for t, s in enumerate(slide_of):
+        mean, std = stats[s][0][2].numpy(), stats[s][1][2].numpy()
+        want = (raw[t] - mean[None, :, None, None]) / std[None, :, None, None]
+        np.testing.assert_allclose(feats[0][t].numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_inverse_std_floors_nearly_constant_channels_relative_to_the_level():
+    from pixgene.nn._decoder import inverse_std
+
+    std = torch.tensor([2.0, 1.0, 4.0, 1e-7, 0.0])
+    # floor: 1% of the median (1.0)
+    np.testing.assert_allclose(inverse_std(std).numpy(), [0.5, 1.0, 0.25, 100.0, 100.0], rtol=1e-6)
+
+
+def test_slide_feature_stats_are_the_moments_of_tiles_centred_on_tissue(fitted_session):
+    from pixgene._units import resolve_um_per_px
+    from pixgene.data._mask import tissue_mask
+    from pixgene.data._reader import SlideReader
+    from pixgene.data._training import slide_feature_stats, stats_tile_corners
+
+    sdata, model = fitted_session
+    image_um = resolve_um_per_px(sdata, "he")
+    reader = SlideReader(sdata.images["he"], image_um=image_um, target_um=model.encoder_um_per_px)
+    tile = 64
+    means, stds = slide_feature_stats(sdata, "he", reader, model.module, tile=tile, n_tiles=5, batch_size=2)
+    mask, factor = tissue_mask(sdata, "he")
+    corners = stats_tile_corners(mask, factor, reader, tile, 5)
+    assert len(corners) == 5 and len({tuple(c) for c in corners}) == 5
+    for x0, y0 in corners:  # every tile is centred on a tissue pixel of the mask
+        cx, cy = (np.array([x0, y0]) + tile / 2) * reader.factor / factor
+        assert mask[int(cy), int(cx)]
+    # reference: each tile encoded on its own, numpy moments over all their pixels
+    with torch.inference_mode():
+        outs = [model.module.encode(torch.from_numpy(reader.read(int(x0), int(y0), tile, tile))[None])
+                for x0, y0 in corners]
+    for i in model.module.used_levels:
+        pix = np.concatenate([o[i][0].numpy().reshape(o[i].shape[1], -1) for o in outs], axis=1).astype(np.float64)
+        np.testing.assert_allclose(means[i].numpy(), pix.mean(1), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(stds[i].numpy(), pix.std(1), rtol=1e-3, atol=1e-5)
+
+
+def _stub_training(seed: int = 3):
+    """A PixNet module whose encoder is a stub and a 5-tile cache of random features over 4 spots."""
+    from torch import nn
+
+    from pixgene.data._training import SlideSpots, TileView, TrainingCache
+    from pixgene.nn._pixnet import PixNetModule
+
+    class Stub(nn.Module):  # only its pyramid's shape matters: the cache holds the features
+        channels, reductions = [3, 4], [4, 8]
+
+    torch.manual_seed(0)
+    module = PixNetModule(Stub(), n_outputs=3, width=8, out_stride=4, window=2).eval()
+    rng = np.random.default_rng(seed)
+    with torch.inference_mode():
+        feats = [torch.from_numpy(rng.normal(size=(5, 1, 3, 4, 4)).astype(np.float16)),
+                 torch.from_numpy(rng.normal(size=(5, 1, 4, 2, 2)).astype(np.float16))]
+    counts = rng.integers(50, 500, size=(4, 3)).astype(np.float32)
+    train_mask = np.array([True, True, False, True])
+    slide = SlideSpots("s", None, np.zeros((4, 2)), 1.0, counts, train_mask)
+    views = []
+    for t in range(5):
+        ids = np.array([t % 4, (t + 1) % 4])
+        views.append([TileView(0, ids, np.array([0, 0, 1, 1]), np.array([0, 5, 6, 15]),
+                               np.array([1.0, 2.0, 0.5, 3.0]), 0)])
+    cache = TrainingCache(features=feats, views=views, slides=[slide], tile=16, out_stride=4, levels=[0, 1])
+    return module, cache
+
+
+def test_training_loss_terms_match_scipy_and_numpy():
+    from scipy.stats import nbinom
+
+    from pixgene.tl._train import LossWeights, PixNetTrainingPlan, make_collate
+
+    module, cache = _stub_training()
+    weights = LossWeights(count=0.7, total=1.3, mse=0.9, pearson=0.4)
+    plan = PixNetTrainingPlan(module, cache, n_slides=1, loss=weights, lr=1e-3, weight_decay=0.0)
+    batch = make_collate(cache)([(t, 0) for t in range(5)])
+    with torch.no_grad():
+        plan.log_theta.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        loss, terms = plan._loss(batch, train=True)
+        lam = module.decode(list(batch["features"])).double().numpy()
+    # expected counts per spot by hand: area-weighted sums of the output pixels
+    pred = np.zeros((batch["n_spots"], 3))
+    flat = lam.reshape(5, 3, -1)
+    for b, r, c, w in zip(batch["nnz_b"].numpy(), batch["nnz_row"].numpy(), batch["nnz_col"].numpy(),
+                          batch["nnz_w"].numpy(), strict=True):
+        pred[r] += flat[b, :, c] * w
+    keep = batch["train_mask"].numpy()
+    pred, counts = pred[keep], batch["counts"].numpy()[keep].astype(np.float64)
+    theta = np.exp([0.5, 1.0, 2.0])
+    nll = -nbinom.logpmf(counts, theta, theta / (theta + pred))
+    scaled = nll / np.maximum(counts.mean(0), 1.0)
+    np.testing.assert_allclose(float(terms["count"]), scaled.mean(), rtol=1e-4)
+    np.testing.assert_allclose(float(terms["total"]), scaled[:, -1].mean(), rtol=1e-4)
+    p = np.log1p(1e4 * pred[:, :-1] / pred[:, -1:])
+    t = np.log1p(1e4 * counts[:, :-1] / counts[:, -1:])
+    np.testing.assert_allclose(float(terms["mse"]), ((p - t) ** 2).mean(), rtol=1e-4)
+    r = [np.corrcoef(p[:, g], t[:, g])[0, 1] for g in range(2)]
+    np.testing.assert_allclose(float(terms["pearson"]), 1 - np.mean(r), rtol=1e-4, atol=1e-6)
+    want = 0.7 * scaled.mean() + 1.3 * scaled[:, -1].mean() + 0.9 * ((p - t) ** 2).mean() + 0.4 * (1 - np.mean(r))
+    np.testing.assert_allclose(float(loss), want, rtol=1e-4)
+
+
+def test_calibrate_scale_makes_predicted_library_sizes_add_up_to_the_measured_ones():
+    from pixgene.tl._train import calibrate_scale
+
+    module, cache = _stub_training()
+    feats, views = cache.features, cache.views
+    counts, train_mask = cache.slides[0].counts, cache.slides[0].train_mask
+
+    def by_hand() -> tuple[float, float]:  # predicted and measured library sizes summed over training spots
+        with torch.no_grad():
+            predicted = measured = 0.0
+            for t, (view,) in enumerate(views):
+                lam = module.decode([f[t].float() for f in feats])[0, -1].reshape(-1).double().numpy()
+                per_spot = np.zeros(len(view.spot_ids))
+                np.add.at(per_spot, view.rows, lam[view.cols] * view.weights)
+                keep = train_mask[view.spot_ids]
+                predicted += per_spot[keep].sum()
+                measured += counts[view.spot_ids[keep], -1].astype(np.float64).sum()
+        return predicted, measured
+
+    predicted, measured = by_hand()
+    factor = calibrate_scale(module, cache, batch_size=2)
+    np.testing.assert_allclose(factor, measured / predicted, rtol=1e-5)
+    np.testing.assert_allclose(by_hand()[0], measured, rtol=1e-5)
+    with torch.no_grad():
+        module.head.log_scale.add_(float(np.log(3.0)))  # outputs three times too large
+    np.testing.assert_allclose(calibrate_scale(module, cache), 1 / 3, rtol=1e-5)

@@ -134,7 +134,7 @@ def test_coarse_image_is_encoded_at_its_own_um_per_px(tmp_path):
 
 
 def test_halo_is_measured_once_per_model(model):
-    from pixgene.tl._predict import edge_error_profile, tiling_halo
+    from pixgene.tl._predict import HALO_SAFETY, TILING_TOLERANCE, edge_error_profile, tiling_halo
 
     vars(model).pop("_tiling_halo_cache", None)  # measured afresh here, whatever ran before
     with CountingCalls(model) as counter:
@@ -145,8 +145,9 @@ def test_halo_is_measured_once_per_model(model):
     profile = edge_error_profile(model)
     assert np.all(np.diff(profile) <= 0)
     s = model.out_stride
-    # the chosen halo is the first aligned distance where the profile is 4x under the tolerance
-    assert profile[halo // s] <= 2.5e-5 and (halo == 0 or profile[(halo - model.alignment) // s] > 2.5e-5)
+    # the chosen halo is the first aligned distance where the profile is 16x under the tolerance
+    assert HALO_SAFETY == 16.0 and TILING_TOLERANCE == 1e-4
+    assert profile[halo // s] <= 6.25e-6 and (halo == 0 or profile[(halo - model.alignment) // s] > 6.25e-6)
 
 
 def test_background_chunks_are_zero_and_never_computed(model, synthetic_small):

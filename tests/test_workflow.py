@@ -83,3 +83,36 @@ def test_backed_store_receives_the_map_and_tables(fitted_session, tmp_path):
         np.asarray(full_resolution(backed.images["he_pixgene"]).values),
     )
     assert not (tmp_path / "slide.zarr.pixgene-partial").exists()
+
+
+def test_predict_dense_standardises_with_the_predicted_slides_own_statistics(fitted_session):
+    """A darker copy of the slide: predict_dense takes its statistics from it, not from the training slide."""
+    from spatialdata import deepcopy
+
+    from pixgene._units import resolve_um_per_px
+    from pixgene.data._reader import SlideReader
+    from pixgene.data._training import slide_feature_stats
+
+    sdata, model = fitted_session
+    assert model.slide_standardized
+    dark = deepcopy(sdata)
+    he = dark.images["he"]
+    dark.images["he"] = he.copy(data=(he.data * 0.8).astype(he.dtype))
+    fitted_id = model.model_id
+
+    def dense(m, key):
+        pg.tl.predict_dense(dark, m, key_added=key, scale_factors=None, progress=False)
+        return np.asarray(full_resolution(dark.images[key]).values)
+
+    own = dense(model, "own")
+    assert model.model_id == fitted_id  # the fitted model is left as it was
+    assert dark.attrs["pixgene"]["dense"]["own"]["model_id"] == fitted_id
+    reader = SlideReader(dark.images["he"], image_um=resolve_um_per_px(dark, "he"), target_um=model.encoder_um_per_px)
+    by_hand = model.with_feature_stats(*slide_feature_stats(dark, "he", reader, model.module))
+    by_hand.decoder_config = {**by_hand.decoder_config, "standardize": True}  # take its statistics as they are
+    np.testing.assert_allclose(own, dense(by_hand, "by_hand"), rtol=1e-5, atol=1e-7 * own.max())
+    # the same weights with the training slide's statistics (the saved buffers) give another map
+    training = pg.tl.PixNet(model.module, genes=model.genes, encoder_config=model.encoder_config,
+                            encoder_weights=model.encoder_weights,
+                            decoder_config={**model.decoder_config, "standardize": True})
+    assert np.abs(dense(training, "training") - own).max() > 1e-3 * own.max()

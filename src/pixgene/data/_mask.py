@@ -59,6 +59,7 @@ def tissue_mask(
     um_per_px_mask: float = 16.0,
     min_object_um2: float = 20_000.0,
     max_hole_um2: float = 100_000.0,
+    image_um_per_px: float | None = None,
 ) -> tuple[np.ndarray, float]:
     """Boolean tissue mask of an H&E image at about ``um_per_px_mask`` microns per mask pixel.
 
@@ -81,6 +82,8 @@ def tissue_mask(
         Target mask resolution in microns per mask pixel (never finer than the image).
     min_object_um2, max_hole_um2
         Size limits, in um^2, for removed specks and filled holes.
+    image_um_per_px
+        Microns per image pixel; default: recorded by the reader or derived from the spots.
 
     Returns
     -------
@@ -93,7 +96,7 @@ def tissue_mask(
     element = require_element(sdata, image_key, "images")
     full = rgb_array(element, image_key)
     check_positive(um_per_px_mask, "um_per_px_mask", f"image {image_key!r}")
-    um_per_px = resolve_um_per_px(sdata, image_key)
+    um_per_px = resolve_um_per_px(sdata, image_key, um_per_px=image_um_per_px)
     wanted = max(um_per_px_mask / um_per_px, 1.0)
     level, level_factor = level_for_downsample(element, wanted)
     step = max(1, int(round(wanted / level_factor)))

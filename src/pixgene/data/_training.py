@@ -198,6 +198,26 @@ def _random_shift(c, radius, x0, y0, tile, margin, stride, rng) -> tuple[int, in
     return dx * stride, dy * stride
 
 
+class _Moments:
+    """Running per-channel sums (float64) of feature maps, for means and standard deviations."""
+
+    def __init__(self) -> None:
+        self.sums: dict = {}
+        self.squares: dict = {}
+        self.counts: dict[int, int] = {}
+
+    def add(self, i: int, x) -> None:  # x (..., C, h, w)
+        x = x.float().movedim(-3, 0).reshape(x.shape[-3], -1)
+        self.sums[i] = self.sums.get(i, 0) + x.sum(1).double()
+        self.squares[i] = self.squares.get(i, 0) + x.square().sum(1).double()
+        self.counts[i] = self.counts.get(i, 0) + x.shape[1]
+
+    def result(self) -> tuple[dict, dict]:
+        means = {i: self.sums[i] / self.counts[i] for i in self.sums}
+        stds = {i: (self.squares[i] / self.counts[i] - means[i].square()).clamp_min(0).sqrt().float() for i in means}
+        return {i: m.float() for i, m in means.items()}, stds
+
+
 def feature_stats(cache: TrainingCache, module) -> tuple[dict, dict]:
     """Per-channel mean and standard deviation of every cached decoder level over all tiles and views.
 
@@ -206,28 +226,104 @@ def feature_stats(cache: TrainingCache, module) -> tuple[dict, dict]:
     """
     import torch
 
-    sums: dict[int, torch.Tensor] = {}
-    squares: dict[int, torch.Tensor] = {}
-    counts: dict[int, int] = {}
-
-    def add(i: int, x: torch.Tensor) -> None:  # x (..., C, h, w)
-        x = x.float().movedim(-3, 0).reshape(x.shape[-3], -1)
-        sums[i] = sums.get(i, 0) + x.sum(1).double()
-        squares[i] = squares.get(i, 0) + x.square().sum(1).double()
-        counts[i] = counts.get(i, 0) + x.shape[1]
-
+    moments = _Moments()
     chunk = 16
     if cache.features is not None:
         for f, i in zip(cache.features, cache.levels, strict=True):
             for t in range(0, f.shape[0], chunk):
-                add(i, f[t : t + chunk])
+                moments.add(i, f[t : t + chunk])
     else:
         device = next(module.encoder.parameters()).device
         with torch.inference_mode():
             for t in range(0, cache.images.shape[0], chunk):
                 out = module.encode(cache.images[t : t + chunk, 0].float().div(255.0).to(device))
                 for i in cache.levels:
-                    add(i, out[i].cpu())
-    means = {i: (sums[i] / counts[i]).float() for i in sums}
-    stds = {i: (squares[i] / counts[i] - (sums[i] / counts[i]).square()).clamp_min(0).sqrt().float() for i in sums}
-    return means, stds
+                    moments.add(i, out[i].cpu())
+    return moments.result()
+
+
+#: tiles (centred on random tissue) whose features give a slide's own channel statistics
+SLIDE_STATS_TILES = 32
+
+
+def stats_tile_corners(mask: np.ndarray, mask_factor: float, reader: SlideReader, tile: int, n_tiles: int,
+                       seed: int = 0) -> np.ndarray:
+    """Top-left corners (encoder pixels) of up to ``n_tiles`` tiles centred on distinct random tissue pixels of
+    ``mask`` (mask pixel = ``mask_factor`` image pixels), in a fixed order for a given seed."""
+    rows, cols = np.nonzero(mask)
+    if len(rows) == 0:
+        return np.zeros((0, 2), dtype=int)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(rows), size=min(n_tiles, len(rows)), replace=False))
+    centres = np.column_stack([cols[pick] + 0.5, rows[pick] + 0.5]) * mask_factor / reader.factor
+    return np.round(centres - tile / 2).astype(int)
+
+
+def slide_feature_stats(
+    sdata,
+    image_key: str,
+    reader: SlideReader,
+    module,
+    *,
+    image_um: float | None = None,
+    tile: int = 256,
+    n_tiles: int = SLIDE_STATS_TILES,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> tuple[dict, dict]:
+    """One slide's own per-channel mean and standard deviation of the decoder's encoder levels.
+
+    Computed over the plain (unaugmented) pixels of up to ``n_tiles`` tiles of ``tile`` encoder pixels, centred
+    on random pixels of the slide's tissue mask. Training and prediction call this same function, so a slide is
+    standardised the same way whether its spots were measured or not: what differs between slides in staining
+    and scanning (a shift or rescaling of every channel) is taken out before the decoder.
+    """
+    import torch
+
+    from .._validate import fail
+    from ._mask import tissue_mask
+
+    mask, mask_factor = tissue_mask(sdata, image_key, image_um_per_px=image_um)
+    corners = stats_tile_corners(mask, mask_factor, reader, tile, n_tiles, seed)
+    if len(corners) == 0:
+        fail(f"image {image_key!r}", "the tissue mask found no tissue to take the slide's feature statistics from",
+             "Check the image, or fit/predict with standardize_features=True (the training slides' statistics)")
+    moments = _Moments()
+    device = next(module.encoder.parameters()).device
+    levels = module.used_levels
+    with torch.inference_mode():
+        for start in range(0, len(corners), batch_size):
+            images = [torch.from_numpy(reader.read(int(x0), int(y0), tile, tile)) for x0, y0 in corners[start:start + batch_size]]
+            out = module.encode(torch.stack(images).to(device))
+            for i in levels:
+                moments.add(i, out[i].cpu())
+    return moments.result()
+
+
+def pool_stats(stats: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+    """Mean and standard deviation of the equal-weight mixture of several slides' ``(means, stds)``."""
+    means = {i: sum(m[i].double() for m, _ in stats) / len(stats) for i in stats[0][0]}
+    second = {i: sum(s[i].double().square() + m[i].double().square() for m, s in stats) / len(stats) for i in means}
+    stds = {i: (second[i] - means[i].square()).clamp_min(0).sqrt().float() for i in means}
+    return {i: m.float() for i, m in means.items()}, stds
+
+
+def standardize_cache(cache: TrainingCache, stats: list[tuple[dict, dict]]) -> None:
+    """Standardise the cached features of every slide's tiles, in place, with that slide's ``(means, stds)``."""
+    import torch
+
+    slide_of = np.array([views[0].slide for views in cache.views])
+    with torch.inference_mode():  # the cache was written in inference mode
+        _standardize_slides(cache, stats, slide_of)
+
+
+def _standardize_slides(cache: TrainingCache, stats: list[tuple[dict, dict]], slide_of: np.ndarray) -> None:
+    from ..nn._decoder import inverse_std
+
+    for si, (means, stds) in enumerate(stats):
+        tiles = np.flatnonzero(slide_of == si)
+        for f, i in zip(cache.features, cache.levels, strict=True):
+            mean = means[i].float()[:, None, None]
+            inv = inverse_std(stds[i])[:, None, None]
+            for t in tiles:
+                f[t] = ((f[t].float() - mean) * inv).to(f.dtype)

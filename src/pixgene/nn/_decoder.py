@@ -7,6 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def inverse_std(std: torch.Tensor) -> torch.Tensor:
+    """1 / std per channel, with std floored at 1% of the level's median (at least 1e-6): a channel that is
+    nearly constant on the tiles the statistics came from is not blown up to swamp the others elsewhere."""
+    floor = max(1e-6, 0.01 * float(std.float().median()))
+    return 1.0 / std.float().clamp_min(floor)
+
+
 class ChannelLayerNorm(nn.Module):
     """LayerNorm over the channel axis of a (B, C, H, W) tensor, per pixel.
 
@@ -162,7 +169,7 @@ class Decoder(nn.Module):
             raise ValueError("this decoder was built without standardize=True")
         for i in self.levels:
             getattr(self, f"feature_mean_{i}").copy_(means[i])
-            getattr(self, f"feature_inv_std_{i}").copy_(1.0 / stds[i].clamp_min(1e-6))
+            getattr(self, f"feature_inv_std_{i}").copy_(inverse_std(stds[i]))
 
     def _level(self, features: list[torch.Tensor], i: int) -> torch.Tensor:
         f = features[i]

@@ -65,6 +65,25 @@ def working_um_per_px(native: float, image_um: Sequence[float], requested: float
     return float(max(native, min(image_um)))
 
 
+STANDARDIZE_MODES = ("slide", "training")
+
+
+def _standardize_mode(value: Any, finetune_levels: int) -> str | None:
+    """``"slide"``, ``"training"`` or None (off) from the ``standardize_features`` argument."""
+    if value is True or value is np.True_:
+        value = "training"
+    elif value is False or value is np.False_ or value is None:
+        return None
+    if value not in STANDARDIZE_MODES:
+        fail("standardize_features", f"{value!r} is not one of 'slide', 'training' or False",
+             "Pass 'slide' (default: each slide by its own statistics), 'training' (True) or False")
+    if value == "slide" and finetune_levels:
+        # a tuned encoder moves away from the frozen statistics the slide's own would be taken from
+        logger.info("fine-tuning: features are standardised with the training tiles' statistics, not per slide")
+        return "training"
+    return value
+
+
 def fit(
     sdata: Any,
     *,
@@ -79,7 +98,7 @@ def fit(
     decoder: str = "fusion",
     width: int = 48,
     out_stride: int = 4,
-    standardize_features: bool = True,
+    standardize_features: bool | str = "slide",
     tile_px: int | None = None,
     n_views: int = 4,
     stain_jitter: float = 0.05,
@@ -122,11 +141,16 @@ def fit(
         Decoder width and output stride in encoder pixels (the model's output pixel is
         ``out_stride * encoder.um_per_px`` microns).
     standardize_features
-        Standardise every encoder channel the decoder reads (mean 0, sd 1 over the training tiles and views) before
-        the decoder's first layer. Frozen features are far from centred and unevenly spread (EfficientNet-Lite0 on
-        her2st and st_mob tiles: channel means from -30 to +26, standard deviations from 0.7 to 12); standardised,
-        the few hundred optimiser steps of a small training set go much further. The shift and scale are saved
-        with the model and applied at prediction.
+        Standardise every encoder channel the decoder reads (mean 0, sd 1) before the decoder's first layer.
+        ``"slide"`` (default): each slide by its own statistics, over 32 tiles centred on random points of its
+        tissue; :func:`pixgene.tl.predict_dense` takes a new slide's statistics the same way, so a shift or
+        rescaling of the channels that comes from staining or scanning (and differs between slides) is
+        removed before the decoder. ``"training"`` (or ``True``): the statistics of all training tiles, applied
+        as they are to every slide. ``False``: raw features. Frozen features are far from centred and
+        unevenly spread (EfficientNet-Lite0 on her2st and st_mob tiles: channel means from -30 to +26,
+        standard deviations from 0.7 to 12); standardised, the few hundred optimiser steps of a small training
+        set go much further. With ``finetune_levels`` > 0, ``"slide"`` falls back to ``"training"`` (a tuned
+        encoder moves away from the frozen statistics).
     tile_px, n_views, stain_jitter
         Training tile size in encoder pixels (default: fits the spots with context), number of cached views
         per tile (view 0 plain; others a random dihedral transform, shift and stain jitter of this strength).
@@ -137,8 +161,12 @@ def fit(
         features cached once; otherwise every step runs the encoder on cached pixels, at a tenth of the
         decoder's learning rate). The tuned encoder tensors are saved with the model.
     likelihood, loss_weights
-        ``"nb"`` or ``"poisson"`` count likelihood; weights of the terms ``count``, ``mse`` and ``pearson``
-        (defaults 1, 1, 0.5; set one to 0 to switch it off).
+        ``"nb"`` or ``"poisson"`` count likelihood; weights of the loss terms (set one to 0 to switch it off):
+        ``count``, the likelihood of every output's counts (default 1); ``total``, the likelihood of the
+        library size alone (default 0); ``mse`` and ``pearson`` on log-normalised expression (defaults 1 and
+        0.5). Without either likelihood term nothing fixes the outputs' common scale, so after training every
+        output is rescaled by one factor that makes the training spots' predicted library sizes add up to the
+        measured ones (recorded as ``model.training["scale_factor"]``): the map stays in expected counts.
     val_fraction, max_epochs, patience, batch_size, lr, weight_decay
         Held-out validation spots for early stopping and the optimiser's settings. The learning rate decays
         over ``max_epochs`` (cosine, to a tenth). Default ``max_epochs``: 12, or more on small training sets
@@ -154,9 +182,9 @@ def fit(
     records its id and genes.
     """
     from ..data._reader import SlideReader
-    from ..data._training import SlideSpots, build_cache, feature_stats
+    from ..data._training import SlideSpots, build_cache, feature_stats, pool_stats, slide_feature_stats, standardize_cache
     from ._model import PixNet, build_module, remember_model, trainable_encoder_keys
-    from ._train import LossWeights, train
+    from ._train import LossWeights, calibrate_scale, train
 
     sdatas = _as_list(sdata)
     if not sdatas:
@@ -171,8 +199,7 @@ def fit(
     if isinstance(finetune_levels, bool) or not isinstance(finetune_levels, int) or finetune_levels < 0:
         fail("finetune_levels", f"{finetune_levels!r} is not a non-negative integer",
              "Pass 0 (frozen encoder) or the number of last pyramid levels to fine-tune, e.g. 1")
-    if not isinstance(standardize_features, bool | np.bool_):
-        fail("standardize_features", f"{standardize_features!r} is not True or False", "Pass True (default) or False")
+    standardize = _standardize_mode(standardize_features, finetune_levels)
     check_positive(encoder_um_per_px, "encoder_um_per_px", "fit",
                    "Pass e.g. 1.0, or None for the encoder's native um/px")
     for name, value in (("max_epochs", max_epochs), ("patience", patience), ("batch_size", batch_size)):
@@ -180,10 +207,10 @@ def fit(
             fail(name, f"{value!r} is not a positive integer", "Pass e.g. 12, or None for the default")
     if not 0 < val_fraction < 1:
         fail("val_fraction", f"{val_fraction} is not between 0 and 1", "Pass e.g. 0.1")
-    weights = {"count": 1.0, "mse": 1.0, "pearson": 0.5, **(loss_weights or {})}
-    unknown = set(weights) - {"count", "mse", "pearson"}
+    weights = {"count": 1.0, "total": 0.0, "mse": 1.0, "pearson": 0.5, **(loss_weights or {})}
+    unknown = set(weights) - {"count", "total", "mse", "pearson"}
     if unknown:
-        fail("loss_weights", f"unknown terms {sorted(unknown)}", "Use the keys 'count', 'mse' and 'pearson'")
+        fail("loss_weights", f"unknown terms {sorted(unknown)}", "Use the keys 'count', 'total', 'mse' and 'pearson'")
     slides = [
         prepare_spot_slide(s, image_key=image_key, shapes_key=shapes_key, table_key=table_key, um_per_px=u)
         for s, u in zip(sdatas, ums, strict=True)
@@ -195,8 +222,9 @@ def fit(
     torch.manual_seed(random_state)
     rng = np.random.default_rng(random_state)
     decoder_config = {"width": width, "out_stride": out_stride, "block": decoder}
-    if standardize_features:
-        decoder_config["standardize"] = True
+    if standardize:
+        # True: the training tiles' statistics; "slide": each slide's own (recomputed on every predicted slide)
+        decoder_config["standardize"] = True if standardize == "training" else "slide"
     from ..nn._encoders import build_encoder
 
     enc = build_encoder(encoder, weights=encoder_weights)
@@ -243,17 +271,35 @@ def fit(
         train_slides, module, tile=tile, margin=margin, n_views=n_views, stain_strength=stain_jitter, rng=rng,
         scale_jitter=scale_jitter, keep_images=bool(finetune_levels), progress=progress,
     )
-    if standardize_features:
+    slide_stats = None
+    if standardize == "training":
         module.decoder.set_feature_stats(*feature_stats(cache, module))
+    elif standardize == "slide":
+        # each slide standardised by its own statistics; the decoder trains on the standardised cache and keeps
+        # identity buffers until training ends
+        slide_stats = [
+            slide_feature_stats(s.sdata, image_key, t.reader, module, image_um=s.um_per_px)
+            for s, t in zip(slides, train_slides, strict=True)
+        ]
+        standardize_cache(cache, slide_stats)
     max_epochs, patience = training_length(cache.n_tiles, batch_size, max_epochs, patience)
     logger.info("training for at most %d epochs (patience %d) on %d tiles", max_epochs, patience, cache.n_tiles)
     history, summary = train(
-        module, cache, n_slides=len(slides), loss=LossWeights(weights["count"], weights["mse"], weights["pearson"],
-                                                              likelihood),
+        module, cache, n_slides=len(slides), loss=LossWeights(weights["count"], weights["total"], weights["mse"],
+                                                              weights["pearson"], likelihood),
         max_epochs=max_epochs, patience=patience, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         seed=random_state, progress=progress,
     )
+    if weights["count"] == 0 and weights["total"] == 0:
+        # no count likelihood fixed the outputs' common scale: take it from the training spots' library sizes
+        module.eval()
+        summary["scale_factor"] = calibrate_scale(module, cache, batch_size=batch_size)
+        logger.info("outputs rescaled by %.4g to the training spots' library sizes", summary["scale_factor"])
     module.to("cpu").eval()
+    if slide_stats is not None:
+        # without a slide to take statistics from (PixNet.predict_intensity on raw tiles), the training slides'
+        # pooled statistics stand in; predict_dense replaces them with the predicted slide's own
+        module.decoder.set_feature_stats(*pool_stats(slide_stats))
     finetuned = trainable_encoder_keys(module) if finetune_levels else []
     for p in module.encoder.parameters():
         p.requires_grad_(False)
@@ -261,7 +307,7 @@ def fit(
         "params": {
             "image_key": image_key, "shapes_key": shapes_key, "table_key": table_key, "tile_px": tile,
             "n_views": n_views, "stain_jitter": stain_jitter, "scale_jitter": scale_jitter,
-            "finetune_levels": finetune_levels, "likelihood": likelihood, "loss_weights": weights,
+            "finetune_levels": finetune_levels, "standardize_features": standardize or False, "likelihood": likelihood, "loss_weights": weights,
             "val_fraction": val_fraction, "max_epochs": max_epochs, "patience": patience,
             "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "random_state": random_state,
         },

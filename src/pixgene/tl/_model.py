@@ -119,6 +119,27 @@ class PixNet:
             out = self.module(x.to(device)).float().cpu().numpy()
         return out[0] if single else out
 
+    @property
+    def slide_standardized(self) -> bool:
+        """Whether the decoder standardises each slide's features with that slide's own statistics."""
+        return self.decoder_config.get("standardize") == "slide"
+
+    def with_feature_stats(self, means: dict, stds: dict) -> PixNet:
+        """A copy that standardises features with these statistics (a slide's own, for ``predict_dense``).
+
+        The encoder is shared, not copied; decoder and head are copied, so this model is left as it is.
+        """
+        import copy
+
+        module = copy.copy(self.module)  # shallow: shares the encoder
+        module._modules = dict(self.module._modules)
+        module.decoder = copy.deepcopy(self.module.decoder)
+        module.head = copy.deepcopy(self.module.head)
+        module.decoder.set_feature_stats(means, stds)
+        return PixNet(module, genes=self.genes, encoder_config=self.encoder_config,
+                      encoder_weights=self.encoder_weights, decoder_config=self.decoder_config,
+                      history=self.history, training=self.training, finetuned=self.finetuned)
+
     def to(self, device: str) -> PixNet:
         self.module.to(device)
         return self

@@ -31,6 +31,7 @@ ENCODER_LR_FACTOR = 0.1
 @dataclass
 class LossWeights:
     count: float = 1.0
+    total: float = 0.0
     mse: float = 1.0
     pearson: float = 0.5
     likelihood: str = "nb"  # "nb" or "poisson"
@@ -109,6 +110,37 @@ def integrate_spots(lam: torch.Tensor, batch: dict) -> torch.Tensor:
     return out.index_add_(0, batch["nnz_row"], contrib)
 
 
+def calibrate_scale(module, cache: TrainingCache, *, batch_size: int = 8) -> float:
+    """Rescale every output by one factor so that the predicted library sizes of the training spots add up to
+    the measured ones (the Poisson maximum-likelihood factor); returns the factor.
+
+    Losses on log-normalised values (MSE, Pearson) fix every gene's intensity relative to the library-size
+    output but leave their common scale free; this pins it, so the dense map stays in expected counts per
+    um^2. The plain view of every tile is used; ratios between outputs do not change.
+    """
+    collate = make_collate(cache)
+    predicted, measured = 0.0, 0.0
+    device = next(module.head.parameters()).device
+    with torch.inference_mode():
+        for start in range(0, cache.n_tiles, batch_size):
+            batch = collate([(t, 0) for t in range(start, min(start + batch_size, cache.n_tiles))])
+            if batch["images"] is not None:
+                feats = module.encode(batch["images"].to(device))
+            else:
+                feats = [None] * (max(cache.levels) + 1)
+                for f, i in zip(batch["features"], cache.levels, strict=True):
+                    feats[i] = f.to(device)
+            pred = integrate_spots(module.decode(feats), batch).cpu()
+            mask = batch["train_mask"]
+            predicted += float(pred[mask, -1].double().sum())
+            measured += float(batch["counts"][mask, -1].double().sum())
+    if predicted <= 0 or measured <= 0:
+        return 1.0
+    factor = measured / predicted
+    module.head.log_scale.add_(float(np.log(factor)))
+    return factor
+
+
 class PixNetTrainingPlan(L.LightningModule):
     def __init__(self, module, cache: TrainingCache, *, n_slides: int, loss: LossWeights, lr: float,
                  weight_decay: float) -> None:
@@ -166,12 +198,14 @@ class PixNetTrainingPlan(L.LightningModule):
             nll = poisson_nll(mu, counts)
         # every output weighs the same whatever its depth: scale the NLL by each output's mean count
         scale = counts.mean(0).clamp_min(1.0)
-        terms = {"count": (nll / scale).mean()}
+        scaled = nll / scale
+        terms = {"count": scaled.mean(), "total": scaled[:, -1].mean()}
         pred_norm = log_normalize(pred[:, :-1], pred[:, -1])
         true_norm = log_normalize(counts[:, :-1], counts[:, -1])
         terms["mse"] = ((pred_norm - true_norm) ** 2).mean()
         terms["pearson"] = pearson_loss(pred_norm, true_norm)
-        total = w.count * terms["count"] + w.mse * terms["mse"] + w.pearson * terms["pearson"]
+        total = (w.count * terms["count"] + w.total * terms["total"] + w.mse * terms["mse"]
+                 + w.pearson * terms["pearson"])
         return total, terms
 
     def training_step(self, batch, batch_idx):
