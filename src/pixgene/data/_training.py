@@ -266,6 +266,7 @@ def slide_feature_stats(
     module,
     *,
     image_um: float | None = None,
+    mask: tuple[np.ndarray, float] | None = None,
     tile: int = 256,
     n_tiles: int = SLIDE_STATS_TILES,
     batch_size: int = 8,
@@ -277,24 +278,27 @@ def slide_feature_stats(
     on random pixels of the slide's tissue mask. Training and prediction call this same function, so a slide is
     standardised the same way whether its spots were measured or not: what differs between slides in staining
     and scanning (a shift or rescaling of every channel) is taken out before the decoder.
+    ``mask`` is the slide's ``tissue_mask`` (``(mask, factor)``) when the caller already has it.
     """
     import torch
 
     from .._validate import fail
     from ._mask import tissue_mask
 
-    mask, mask_factor = tissue_mask(sdata, image_key, image_um_per_px=image_um)
+    mask, mask_factor = mask if mask is not None else tissue_mask(sdata, image_key, image_um_per_px=image_um)
     corners = stats_tile_corners(mask, mask_factor, reader, tile, n_tiles, seed)
     if len(corners) == 0:
         fail(f"image {image_key!r}", "the tissue mask found no tissue to take the slide's feature statistics from",
-             "Check the image, or fit/predict with standardize_features=True (the training slides' statistics)")
+             "Check the image (pg.pl can show it), or fit with standardize_features='training' (the training "
+             "slides' statistics, applied to every slide)")
     moments = _Moments()
     device = next(module.encoder.parameters()).device
     levels = module.used_levels
     with torch.inference_mode():
         for start in range(0, len(corners), batch_size):
-            images = [torch.from_numpy(reader.read(int(x0), int(y0), tile, tile)) for x0, y0 in corners[start:start + batch_size]]
-            out = module.encode(torch.stack(images).to(device))
+            batch = corners[start : start + batch_size]
+            images = torch.stack([torch.from_numpy(reader.read(int(x0), int(y0), tile, tile)) for x0, y0 in batch])
+            out = module.encode(images.to(device))
             for i in levels:
                 moments.add(i, out[i].cpu())
     return moments.result()
@@ -312,18 +316,13 @@ def standardize_cache(cache: TrainingCache, stats: list[tuple[dict, dict]]) -> N
     """Standardise the cached features of every slide's tiles, in place, with that slide's ``(means, stds)``."""
     import torch
 
-    slide_of = np.array([views[0].slide for views in cache.views])
-    with torch.inference_mode():  # the cache was written in inference mode
-        _standardize_slides(cache, stats, slide_of)
-
-
-def _standardize_slides(cache: TrainingCache, stats: list[tuple[dict, dict]], slide_of: np.ndarray) -> None:
     from ..nn._decoder import inverse_std
 
-    for si, (means, stds) in enumerate(stats):
-        tiles = np.flatnonzero(slide_of == si)
-        for f, i in zip(cache.features, cache.levels, strict=True):
-            mean = means[i].float()[:, None, None]
-            inv = inverse_std(stds[i])[:, None, None]
-            for t in tiles:
-                f[t] = ((f[t].float() - mean) * inv).to(f.dtype)
+    slide_of = np.array([views[0].slide for views in cache.views])
+    with torch.inference_mode():  # the cache was written in inference mode
+        for si, (means, stds) in enumerate(stats):
+            for f, i in zip(cache.features, cache.levels, strict=True):
+                mean = means[i].float()[:, None, None]
+                inv = inverse_std(stds[i])[:, None, None]
+                for t in np.flatnonzero(slide_of == si):  # tile by tile: no float32 copy of a whole slide's cache
+                    f[t] = ((f[t].float() - mean) * inv).to(f.dtype)

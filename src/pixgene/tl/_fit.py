@@ -182,7 +182,9 @@ def fit(
     records its id and genes.
     """
     from ..data._reader import SlideReader
-    from ..data._training import SlideSpots, build_cache, feature_stats, pool_stats, slide_feature_stats, standardize_cache
+    from ..data._training import (
+        SlideSpots, build_cache, feature_stats, pool_stats, slide_feature_stats, standardize_cache,
+    )
     from ._model import PixNet, build_module, remember_model, trainable_encoder_keys
     from ._train import LossWeights, calibrate_scale, train
 
@@ -307,7 +309,8 @@ def fit(
         "params": {
             "image_key": image_key, "shapes_key": shapes_key, "table_key": table_key, "tile_px": tile,
             "n_views": n_views, "stain_jitter": stain_jitter, "scale_jitter": scale_jitter,
-            "finetune_levels": finetune_levels, "standardize_features": standardize or False, "likelihood": likelihood, "loss_weights": weights,
+            "finetune_levels": finetune_levels, "standardize_features": standardize or False,
+            "likelihood": likelihood, "loss_weights": weights,
             "val_fraction": val_fraction, "max_epochs": max_epochs, "patience": patience,
             "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "random_state": random_state,
         },

@@ -468,6 +468,7 @@ def predict_dense(
     threads = None if on_gpu else int(threads or torch.get_num_threads())
     client = _active_client()
 
+    from ..data._mask import tissue_mask
     from ..data._reader import SlideReader
 
     reader = SlideReader(image, image_um=image_um, target_um=model.encoder_um_per_px, name=image_key)
@@ -482,17 +483,20 @@ def predict_dense(
             halo, edge_error = tiling_halo(model)
         else:
             halo, edge_error = int(np.ceil(halo_px / align)) * align, None
+        # one tissue mask serves both the background chunks and the slide's own feature statistics
+        mask = tissue_mask(sdata, image_key, image_um_per_px=image_um) if (
+            skip_background or fitted.slide_standardized) else None
         if fitted.slide_standardized:
             from ..data._training import slide_feature_stats
 
             # this slide's own channel statistics, taken the same way fit took each training slide's
-            stats = slide_feature_stats(sdata, image_key, reader, fitted.module, image_um=image_um)
+            stats = slide_feature_stats(sdata, image_key, reader, fitted.module, image_um=image_um, mask=mask)
             model = fitted.with_feature_stats(*stats)
         grid = DenseGrid(out_shape, float(um_per_px), model.encoder_um_per_px, model.out_um_per_px,
                          model.out_stride, align, halo)
         blocks = chunk_blocks(out_shape, chunk_px)
         tile_hw = grid.tile_shape(blocks)
-        tissue = _tissue_blocks(sdata, image_key, blocks, um_per_px / image_um) if skip_background else blocks
+        tissue = _tissue_blocks(mask, blocks, um_per_px / image_um) if skip_background else blocks
         n_out = len(model.outputs)
         params = {
             "image_key": image_key, "image_shape": [H0, W0], "um_per_px": float(um_per_px),
@@ -553,11 +557,10 @@ def predict_dense(
     return sdata.images[key]
 
 
-def _tissue_blocks(sdata: Any, image_key: str, blocks: list, image_px_per_out: float) -> list:
-    """The blocks that overlap the tissue mask (with one mask pixel of margin)."""
-    from ..data._mask import tissue_mask
-
-    mask, mask_factor = tissue_mask(sdata, image_key)
+def _tissue_blocks(tissue: tuple[np.ndarray, float], blocks: list, image_px_per_out: float) -> list:
+    """The blocks that overlap the tissue mask (``(mask, factor)`` of ``tissue_mask``), with one mask pixel of
+    margin."""
+    mask, mask_factor = tissue
     f = image_px_per_out / mask_factor  # mask pixels per output pixel
     keep = []
     for oy0, oy1, ox0, ox1 in blocks:

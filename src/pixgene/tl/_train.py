@@ -110,6 +110,18 @@ def integrate_spots(lam: torch.Tensor, batch: dict) -> torch.Tensor:
     return out.index_add_(0, batch["nnz_row"], contrib)
 
 
+def batch_features(batch: dict, levels: list[int], encoder=None, device=None) -> list:
+    """The pyramid a collated batch feeds the decoder: the encoder run on its pixels (fine-tuning), or its
+    cached features placed at their level indices (levels the decoder does not read stay ``None``)."""
+    if encoder is not None:
+        images = batch["images"] if device is None else batch["images"].to(device)
+        return list(encoder(images))
+    feats: list = [None] * (max(levels) + 1)
+    for f, i in zip(batch["features"], levels, strict=True):
+        feats[i] = f if device is None else f.to(device)
+    return feats
+
+
 def calibrate_scale(module, cache: TrainingCache, *, batch_size: int = 8) -> float:
     """Rescale every output by one factor so that the predicted library sizes of the training spots add up to
     the measured ones (the Poisson maximum-likelihood factor); returns the factor.
@@ -124,12 +136,8 @@ def calibrate_scale(module, cache: TrainingCache, *, batch_size: int = 8) -> flo
     with torch.inference_mode():
         for start in range(0, cache.n_tiles, batch_size):
             batch = collate([(t, 0) for t in range(start, min(start + batch_size, cache.n_tiles))])
-            if batch["images"] is not None:
-                feats = module.encode(batch["images"].to(device))
-            else:
-                feats = [None] * (max(cache.levels) + 1)
-                for f, i in zip(batch["features"], cache.levels, strict=True):
-                    feats[i] = f.to(device)
+            encoder = module.encoder if batch["images"] is not None else None
+            feats = batch_features(batch, cache.levels, encoder, device)
             pred = integrate_spots(module.decode(feats), batch).cpu()
             mask = batch["train_mask"]
             predicted += float(pred[mask, -1].double().sum())
@@ -174,12 +182,7 @@ class PixNetTrainingPlan(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     def _features(self, batch):
-        if self.encoder is not None:
-            return list(self.encoder(batch["images"]))
-        feats: list = [None] * (max(self.cache_levels) + 1)
-        for f, i in zip(batch["features"], self.cache_levels, strict=True):
-            feats[i] = f
-        return feats
+        return batch_features(batch, self.cache_levels, self.encoder)
 
     def _loss(self, batch, *, train: bool):
         lam = self.head(self.decoder(self._features(batch)))
