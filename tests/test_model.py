@@ -367,6 +367,47 @@ def test_training_loss_terms_match_scipy_and_numpy():
     np.testing.assert_allclose(float(loss), want, rtol=1e-4)
 
 
+def _train_stub(monkeypatch, ema_decay: float, record: list | None = None):
+    from pixgene.tl import _train
+
+    if record is not None:  # every trainable tensor after every optimiser step, with its epoch
+        def after_step(self, trainer, plan, outputs, batch, batch_idx):
+            record.append((plan.current_epoch, {k: p.detach().clone() for k, p in plan.named_parameters()
+                                                if p.requires_grad}))
+        monkeypatch.setattr(_train.KeepBest, "on_train_batch_end", after_step, raising=False)
+    module, cache = _stub_training()
+    module.train()
+    _, summary = _train.train(module, cache, n_slides=1, loss=_train.LossWeights(), max_epochs=4, patience=10,
+                              batch_size=2, lr=1e-2, weight_decay=0.0, seed=0, progress=False,
+                              ema_decay=ema_decay)
+    return module, summary
+
+
+def test_weight_average_is_the_moving_average_of_the_raw_training_path(monkeypatch):
+    raw: list = []
+    _train_stub(monkeypatch, 0.0, raw)  # the raw weights step by step (averaging never changes them)
+    monkeypatch.undo()
+    module, summary = _train_stub(monkeypatch, 0.7)
+    best = summary["best_epoch"]
+    # the average by hand over the raw path, up to the last step of the kept (best) epoch
+    average = None
+    for t, (epoch, params) in enumerate(raw):
+        if epoch > best:
+            break
+        if average is None:
+            average = {k: v.double().clone() for k, v in params.items()}
+        d = min(0.7, (1 + t) / (10 + t))
+        average = {k: d * average[k] + (1 - d) * params[k].double() for k in average}
+    returned = dict(module.decoder.named_parameters(prefix="decoder"))
+    returned.update(module.head.named_parameters(prefix="head"))
+    assert set(returned) <= set(average)
+    for k, v in returned.items():
+        np.testing.assert_allclose(v.detach().double().numpy(), average[k].numpy(), rtol=1e-5, atol=1e-6)
+    # and it is not the raw path's endpoint: the average lags behind it
+    last_raw = [p for e, p in raw if e == best][-1]
+    assert any(not torch.allclose(returned[k], last_raw[k]) for k in returned)
+
+
 def test_calibrate_scale_makes_predicted_library_sizes_add_up_to_the_measured_ones():
     from pixgene.tl._train import calibrate_scale
 

@@ -139,6 +139,9 @@ def test_bad_input_leaves_the_store_untouched(synthetic_small, tmp_path):
         ({"loss_weights": {"l1": 1.0}}, "loss_weights"),
         ({"encoder_um_per_px": 0.0}, "encoder_um_per_px"),
         ({"standardize_features": "yes"}, "standardize_features"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"ema_decay": -0.1}, "ema_decay"),
+        ({"ema_decay": True}, "ema_decay"),
     ],
 )
 def test_bad_fit_options_fail_before_work(synthetic_small, option, message):

@@ -254,6 +254,52 @@ class KeepBest(L.Callback):
             self.state = copy.deepcopy(plan.state_dict())
 
 
+class WeightAverage(L.Callback):
+    """Exponential moving average of the trainable weights, updated after every optimiser step.
+
+    Validation sees the averaged weights, so early stopping and :class:`KeepBest` judge (and keep) them;
+    training goes on from the raw weights. The decay warms up as ``min(decay, (1 + t) / (10 + t))`` after
+    ``t`` steps, so the first steps are not averaged with the random initialisation. On a few hundred spots
+    the raw weights move noisily from step to step; their average is the steadier predictor.
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.decay, self.steps = decay, 0
+        self.average: list[torch.Tensor] | None = None
+        self.raw: list[torch.Tensor] | None = None
+
+    @staticmethod
+    def _params(plan) -> list[torch.Tensor]:
+        return [p for p in plan.parameters() if p.requires_grad]
+
+    def on_train_batch_end(self, trainer, plan, outputs, batch, batch_idx) -> None:
+        params = self._params(plan)
+        with torch.no_grad():
+            if self.average is None:
+                self.average = [p.detach().clone() for p in params]
+            d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+            for a, p in zip(self.average, params, strict=True):
+                a.lerp_(p.detach(), 1 - d)
+        self.steps += 1
+
+    def on_validation_epoch_start(self, trainer, plan) -> None:
+        if self.average is None:
+            return
+        params = self._params(plan)
+        with torch.no_grad():
+            self.raw = [p.detach().clone() for p in params]
+            for a, p in zip(self.average, params, strict=True):
+                p.copy_(a)
+
+    def on_validation_epoch_end(self, trainer, plan) -> None:
+        if self.raw is None:
+            return
+        with torch.no_grad():
+            for r, p in zip(self.raw, self._params(plan), strict=True):
+                p.copy_(r)
+        self.raw = None
+
+
 @contextlib.contextmanager
 def _quiet_lightning():
     """Lightning's start-up notices (accelerator summary, tips) go to DEBUG while pixgene trains."""
@@ -282,6 +328,7 @@ def train(
     weight_decay: float,
     seed: int,
     progress: bool,
+    ema_decay: float = 0.0,
 ) -> tuple[list[dict], dict]:
     """Fit decoder and head; returns the per-epoch history and a summary (best epoch, efficiencies)."""
     from lightning.pytorch.callbacks import EarlyStopping
@@ -303,7 +350,12 @@ def train(
         TileDataset(cache, tiles[has_val], train=False, seed=seed), batch_size=batch_size, collate_fn=collate
     )
     keep = KeepBest()
-    callbacks = [keep, EarlyStopping("val_loss", patience=patience, mode="min")]
+    callbacks: list = [keep]
+    if ema_decay > 0:
+        # listed after KeepBest: at the end of validation KeepBest copies the averaged weights, then these
+        # put the raw ones back
+        callbacks.append(WeightAverage(ema_decay))
+    callbacks.append(EarlyStopping("val_loss", patience=patience, mode="min"))
     with _quiet_lightning():
         trainer = L.Trainer(
             max_epochs=max_epochs,
