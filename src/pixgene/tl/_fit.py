@@ -216,6 +216,7 @@ def fit(
             fail(name, f"{value!r} is not a positive integer", "Pass e.g. 12, or None for the default")
     if isinstance(ema_decay, bool) or not isinstance(ema_decay, int | float) or not 0 <= ema_decay < 1:
         fail("ema_decay", f"{ema_decay!r} is not in [0, 1)", "Pass e.g. 0.99, or 0 for the raw weights")
+    ema_decay = float(ema_decay)
     if not 0 < val_fraction < 1:
         fail("val_fraction", f"{val_fraction} is not between 0 and 1", "Pass e.g. 0.1")
     weights = {"count": 1.0, "total": 0.0, "mse": 1.0, "pearson": 0.5, **(loss_weights or {})}
@@ -299,7 +300,7 @@ def fit(
         module, cache, n_slides=len(slides), loss=LossWeights(weights["count"], weights["total"], weights["mse"],
                                                               weights["pearson"], likelihood),
         max_epochs=max_epochs, patience=patience, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        seed=random_state, progress=progress, ema_decay=float(ema_decay),
+        seed=random_state, progress=progress, ema_decay=ema_decay,
     )
     if weights["count"] == 0 and weights["total"] == 0:
         # no count likelihood fixed the outputs' common scale: take it from the training spots' library sizes
@@ -321,7 +322,7 @@ def fit(
             "finetune_levels": finetune_levels, "standardize_features": standardize or False,
             "likelihood": likelihood, "loss_weights": weights,
             "val_fraction": val_fraction, "max_epochs": max_epochs, "patience": patience,
-            "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "ema_decay": float(ema_decay),
+            "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "ema_decay": ema_decay,
             "random_state": random_state,
         },
         "slides": [
