@@ -375,6 +375,7 @@ def fit_pixgene(train_sdatas: list, test: Spots, *, genes: list[str], seed: int,
     total = table.obs["pixgene_total_counts"].to_numpy()[order]
     del test.sdata.images[dense_key], test.sdata.tables[table_key]
     info = {k: model.training[k] for k in ("best_epoch", "best_val_loss", "epochs_run", "n_tiles")}
+    info["model_id"] = model.model_id  # a hash of the fitted weights: equal ids, equal models
     info.update(fit_s=round(fit_s, 1), predict_and_aggregate_s=round(time.perf_counter() - t0 - fit_s, 1))
     return log_normalize_np(X.astype(np.float64), total).astype(np.float32), info
 

@@ -540,3 +540,23 @@ def test_full_size_uni2_checkpoint_round_trip(tmp_path):
     assert result["equal"] and result["finite"]
     # one fp32 copy is 2.7 GB; loading must not hold a second copy of the weights
     assert result["peak_gb"] < 4.5, result
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (64, 96)])
+def test_compact_form_expands_to_the_pyramid(hw):
+    """What training caches (a ViT's token grids; a CNN's pyramid) gives back forward()'s levels exactly."""
+    vit = build_encoder("uni2", weights=None, **TINY_UNI2)
+    cnn = build_encoder("efficientnet_lite0")
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, *hw)
+    with torch.no_grad():
+        grids = vit.compact(x)
+        levels = vit(x)
+        patch = vit.patch
+        assert [tuple(g.shape[-2:]) for g in grids] == [(-(-hw[0] // patch), -(-hw[1] // patch))] * 4
+        for k, (g, level) in enumerate(zip(grids, levels, strict=True)):
+            np.testing.assert_allclose(vit.expand_level(k, g, hw).numpy(), level.numpy(), rtol=0, atol=1e-6)
+        for k, (c, level) in enumerate(zip(cnn.compact(x), cnn(x), strict=True)):
+            assert cnn.expand_level(k, c, hw) is c
+            np.testing.assert_array_equal(c.numpy(), level.numpy())
+    assert not vit.compact_is_pyramid and cnn.compact_is_pyramid

@@ -434,3 +434,108 @@ def test_calibrate_scale_makes_predicted_library_sizes_add_up_to_the_measured_on
     with torch.no_grad():
         module.head.log_scale.add_(float(np.log(3.0)))  # outputs three times too large
     np.testing.assert_allclose(calibrate_scale(module, cache), 1 / 3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("src,dst", [((4, 5), (8, 10)), ((3, 7), (12, 28)), ((5, 5), (7, 9)), ((8, 8), (5, 3))])
+def test_matrix_upsampling_equals_interpolate_in_value_and_gradient(src, dst):
+    """The matrix form used for deterministic training on CUDA is F.interpolate's bilinear resampling."""
+    import torch.nn.functional as F
+
+    from pixgene.nn._decoder import interpolation_matrix, upsample_bilinear_by_matmul
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *src, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3, *dst, dtype=torch.float64)
+    ref = F.interpolate(x, size=dst, mode="bilinear", align_corners=False)
+    (grad_ref,) = torch.autograd.grad((ref * weights).sum(), x)
+    out = upsample_bilinear_by_matmul(x, dst)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    np.testing.assert_allclose(out.detach().numpy(), ref.detach().numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), grad_ref.numpy(), rtol=0, atol=1e-12)
+    # every row of an interpolation matrix is a convex combination of at most two neighbouring samples
+    m = interpolation_matrix(dst[0], src[0], dtype=torch.float64).numpy()
+    np.testing.assert_allclose(m.sum(1), 1.0)
+    assert ((m > 0).sum(1) <= 2).all() and (m >= 0).all()
+
+
+def test_fit_leaves_torchs_global_switches_as_it_found_them(synthetic_small):
+    """Lightning's deterministic mode is process-wide; fit switches it on for training only."""
+    import os
+
+    import pixgene as pg
+    from conftest import FIT_GENES
+
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    torch.backends.cudnn.benchmark = True
+    try:
+        assert not torch.are_deterministic_algorithms_enabled()
+        pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], max_epochs=1, n_views=1, width=8, progress=False)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark is True
+        assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == cublas
+    finally:
+        torch.backends.cudnn.benchmark = False
+
+
+def test_vit_training_cache_holds_token_grids_that_expand_to_the_cached_pyramid():
+    """A ViT's training cache keeps its token grids, several times smaller than the pyramid, and batches
+    expand them to the levels the pyramid cache would have held (up to float16 rounding)."""
+    from spatialdata.models import Image2DModel
+
+    from pixgene.data._reader import SlideReader
+    from pixgene.data._training import SlideSpots, build_cache, feature_stats
+    from pixgene.nn._encoders import build_encoder
+    from pixgene.nn._pixnet import PixNetModule
+
+    torch.manual_seed(0)
+    module = PixNetModule(build_encoder("uni2", weights=None, depth=2, embed_dim=48, num_heads=2), 3, width=8)
+    rng = np.random.default_rng(0)
+    img = (rng.random((3, 900, 900)) * 255).astype(np.uint8)
+    reader = SlideReader(Image2DModel.parse(img, dims=("c", "y", "x")), image_um=1.0, target_um=1.0)
+    centers = np.array([[300.0, 300.0], [420.0, 330.0], [600.0, 560.0]])
+    slide = SlideSpots("s", reader, centers, 27.5, np.ones((3, 4), np.float32), np.ones(3, bool))
+
+    def cache(compact: bool):
+        module.encoder.compact_is_pyramid = not compact
+        try:
+            return build_cache([slide], module, tile=256, margin=16, n_views=3, stain_strength=0.05,
+                               rng=np.random.default_rng(3), progress=False)
+        finally:
+            del module.encoder.compact_is_pyramid
+
+    grids, pyramid = cache(True), cache(False)
+    assert grids.expand is not None and pyramid.expand is None
+    n_bytes = [sum(f.numel() * f.element_size() for f in c.features) for c in (grids, pyramid)]
+    assert n_bytes[0] * 3 < n_bytes[1]
+    for k, (g, p) in enumerate(zip(grids.features, pyramid.features, strict=True)):
+        assert g.shape[-2:] == (19, 19)  # 256 px padded to 266 = 19 patches of 14
+        expanded = grids.level(k, g.flatten(0, 1)).numpy()
+        ref = p.flatten(0, 1).float().numpy()
+        assert expanded.shape == ref.shape
+        np.testing.assert_allclose(expanded, ref, rtol=0, atol=4e-3 * np.abs(ref).max())
+    (m_g, s_g), (m_p, s_p) = feature_stats(grids, module), feature_stats(pyramid, module)
+    for k in pyramid.levels:
+        np.testing.assert_allclose(m_g[k].numpy(), m_p[k].numpy(), rtol=0, atol=4e-3 * float(s_p[k].max()))
+        np.testing.assert_allclose(s_g[k].numpy(), s_p[k].numpy(), rtol=1e-2)
+
+
+def test_vit_fit_on_token_grids_matches_a_fit_on_the_cached_pyramid(synthetic_small_session, monkeypatch):
+    """End to end, training from the compact ViT cache gives the model the pyramid cache gives."""
+    from spatialdata import deepcopy
+
+    import pixgene as pg
+    from conftest import FIT_GENES
+    from pixgene.nn._encoders import ViTEncoder
+
+    def fitted():
+        return pg.tl.fit(deepcopy(synthetic_small_session), genes=FIT_GENES[:3], encoder="vit_tiny_patch16_224",
+                         encoder_weights=None, max_epochs=2, n_views=2, width=8, progress=False, random_state=0)
+
+    on_grids = fitted()
+    monkeypatch.setattr(ViTEncoder, "compact_is_pyramid", True)
+    on_pyramid = fitted()
+    rng = np.random.default_rng(1)
+    tiles = rng.random((2, 3, 256, 256)).astype(np.float32)
+    a, b = on_grids.predict_intensity(tiles), on_pyramid.predict_intensity(tiles)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=1e-3 * float(np.abs(b).max()))

@@ -84,10 +84,20 @@ class TrainingCache:
     out_stride: int
     levels: list[int] = field(default_factory=list)
     images: object = None  # (n_tiles, n_views, 3, tile, tile) uint8 when the encoder is fine-tuned
+    #: ``expand(k, cached, (tile, tile))`` -> decoder level ``k`` when ``features`` hold the encoder's compact
+    #: form (a ViT's token grids); None when they are the levels themselves
+    expand: object = None
 
     @property
     def n_tiles(self) -> int:
         return len(self.views)
+
+    def level(self, k: int, cached):
+        """Decoder level ``k`` of a batch of cached entries (B, C, h, w): float32, expanded if compact."""
+        x = cached.float()
+        if self.expand is None:
+            return x
+        return self.expand(k, x, (self.tile, self.tile)).contiguous(memory_format=_channels_last())
 
 
 def build_cache(
@@ -118,6 +128,9 @@ def build_cache(
     s = module.out_stride
     out_um = slides[0].reader.target_um * s
     levels = module.used_levels
+    # a ViT's token grids are cached instead of the pyramid resampled from them (several times smaller)
+    encoder = getattr(module, "encoder", None)
+    compact = encoder is not None and not getattr(encoder, "compact_is_pyramid", True)
     jobs = []  # (slide, x0, y0, view, dihedral, jitter, scale)
     for si, slide in enumerate(slides):
         corners = plan_tiles(slide.centers, slide.radius, tile, margin)
@@ -157,15 +170,18 @@ def build_cache(
                     pixels[t, v] = (img * 255 + 0.5).clamp(0, 255).to(torch.uint8)
                 bar.update(len(batch))
                 continue
-            out = module.encode(torch.stack(images).to(device))
+            x = torch.stack(images).to(device)
+            out = module.encode_compact(x) if compact else module.encode(x)
+            # one device-to-host copy per level and batch
+            out = {i: out[i].to("cpu", torch.float16) for i in levels}
             if feats is None:
                 feats = [
                     torch.empty((len(jobs), n_views, *out[i].shape[1:]), dtype=torch.float16) for i in levels
                 ]
-            for k, job in enumerate(batch):
+            for k in range(len(batch)):
                 t, v = divmod(start + k, n_views)
                 for f, i in zip(feats, levels, strict=True):
-                    f[t, v] = out[i][k].to("cpu", torch.float16)
+                    f[t, v] = out[i][k]
             bar.update(len(batch))
     bar.close()
 
@@ -183,7 +199,13 @@ def build_cache(
             )
         views.append(tile_views)
     return TrainingCache(features=feats, views=views, slides=slides, tile=tile, out_stride=s, levels=levels,
-                         images=pixels)
+                         images=pixels, expand=encoder.expand_level if compact and feats is not None else None)
+
+
+def _channels_last():
+    import torch
+
+    return torch.channels_last
 
 
 def _random_shift(c, radius, x0, y0, tile, margin, stride, rng) -> tuple[int, int]:
@@ -230,8 +252,10 @@ def feature_stats(cache: TrainingCache, module) -> tuple[dict, dict]:
     chunk = 16
     if cache.features is not None:
         for f, i in zip(cache.features, cache.levels, strict=True):
-            for t in range(0, f.shape[0], chunk):
-                moments.add(i, f[t : t + chunk])
+            step = chunk if cache.expand is None else max(1, chunk // f.shape[1])  # expanded levels are larger
+            for t in range(0, f.shape[0], step):
+                part = f[t : t + step]
+                moments.add(i, part if cache.expand is None else cache.level(i, part.flatten(0, 1)))
     else:
         device = next(module.encoder.parameters()).device
         with torch.inference_mode():
@@ -313,7 +337,11 @@ def pool_stats(stats: list[tuple[dict, dict]]) -> tuple[dict, dict]:
 
 
 def standardize_cache(cache: TrainingCache, stats: list[tuple[dict, dict]]) -> None:
-    """Standardise the cached features of every slide's tiles, in place, with that slide's ``(means, stds)``."""
+    """Standardise the cached features of every slide's tiles, in place, with that slide's ``(means, stds)``.
+
+    Compact (token-grid) entries are standardised as they are: each level is a resampling whose weights sum to
+    one, which commutes with a per-channel shift and scale.
+    """
     import torch
 
     from ..nn._decoder import inverse_std

@@ -14,6 +14,40 @@ def inverse_std(std: torch.Tensor) -> torch.Tensor:
     return 1.0 / std.float().clamp_min(floor)
 
 
+def upsample_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)``, deterministic on CUDA too.
+
+    CUDA's bilinear backward has no deterministic kernel (it raises under
+    ``torch.use_deterministic_algorithms``, which training turns on); there the same interpolation runs as two
+    products with the interpolation matrices, whose gradients are deterministic. Elsewhere it is the plain call.
+    """
+    if x.is_cuda and torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled():
+        return upsample_bilinear_by_matmul(x, size)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def upsample_bilinear_by_matmul(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resampling of a (B, C, H, W) tensor to ``size`` as ``A_h @ x @ A_w^T`` (align_corners=False)."""
+    rows = interpolation_matrix(int(size[0]), x.shape[-2], dtype=x.dtype, device=x.device)
+    cols = interpolation_matrix(int(size[1]), x.shape[-1], dtype=x.dtype, device=x.device)
+    return torch.matmul(torch.matmul(rows, x), cols.T)
+
+
+def interpolation_matrix(n_out: int, n_in: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """(n_out, n_in) weights of 1-D linear interpolation with PyTorch's align_corners=False convention:
+    source coordinate ``(o + 0.5) * n_in / n_out - 0.5``, clamped to the first and last samples."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0.0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    i1 = (i0 + 1).clamp_max(n_in - 1)
+    w1 = src - i0
+    w1 = torch.where(i1 == i0, torch.zeros_like(w1), w1)
+    out = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    out.index_put_((rows, i0), 1.0 - w1, accumulate=True)
+    out.index_put_((rows, i1), w1, accumulate=True)
+    return out.to(dtype=dtype, device=device)
+
+
 class ChannelLayerNorm(nn.Module):
     """LayerNorm over the channel axis of a (B, C, H, W) tensor, per pixel.
 
@@ -183,7 +217,7 @@ class Decoder(nn.Module):
         x = self.top(self._level(features, self.levels[-1]))
         for block, i in zip(self.blocks, reversed(self.levels[:-1]), strict=True):
             skip = self._level(features, i)
-            up = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            up = upsample_bilinear(x, skip.shape[-2:])
             x = block(skip, up)
         return x
 

@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from .._validate import PixgeneInputError, fail
-from ._vit_pyramid import VIT_REDUCTIONS, pad_to_patch, vit_block_indices, vit_pyramid
+from ._vit_pyramid import (
+    VIT_REDUCTIONS, pad_to_patch, patch_offset, pyramid_level, vit_block_indices, vit_pyramid,
+)
 
 __all__ = ["Encoder", "build_encoder", "encoder_flops_per_pixel", "list_encoders"]
 
@@ -247,6 +249,23 @@ class Encoder(nn.Module):
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    #: whether :meth:`compact` returns the pyramid itself (:meth:`expand_level` is then the identity)
+    compact_is_pyramid: bool = True
+
+    def compact(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """What training caches per tile, one tensor per level: the pyramid itself, or for a ViT the token grid
+        each level is resampled from (the stride-4 level alone holds ``(patch / 4)**2`` times more cells).
+        :meth:`expand_level` turns entry ``k`` into level ``k`` of :meth:`forward`."""
+        self._check_input(x)
+        return self._compact((x - self._mean.to(x.dtype)) / self._std.to(x.dtype))
+
+    def _compact(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self._features(x)
+
+    def expand_level(self, k: int, compact: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+        """Level ``k`` of the pyramid of an image of ``image_hw`` pixels, from entry ``k`` of :meth:`compact`."""
+        return compact
+
     def config(self) -> dict[str, Any]:
         """JSON-able architecture description: ``build_encoder(**config, weights=...)`` rebuilds it."""
         cfg = {"name": self.name, "um_per_px": self.um_per_px, "out_indices": list(self.out_indices)}
@@ -382,17 +401,30 @@ class ViTEncoder(Encoder):
     levels on a comparable scale; prefix (class and register) tokens are dropped.
     """
 
-    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        patch = int(self.body.patch_embed.patch_size[0])
-        padded, offset = pad_to_patch(x, patch)
+    compact_is_pyramid = False
+
+    @property
+    def patch(self) -> int:
+        return int(self.body.patch_embed.patch_size[0])
+
+    def _compact(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The token grids (B, C, gh, gw) of the tapped blocks, one per level."""
+        padded, _ = pad_to_patch(x, self.patch)
         blocks = sorted(set(self.out_indices))
         grids = self.body.forward_intermediates(
             padded, indices=blocks, norm=True, stop_early=True, output_fmt="NCHW", intermediates_only=True
         )
         by_block = dict(zip(blocks, grids))
-        return vit_pyramid(
-            [by_block[b] for b in self.out_indices], patch=patch, offset=offset, image_hw=tuple(x.shape[-2:])
-        )
+        return [by_block[b] for b in self.out_indices]
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        hw = tuple(x.shape[-2:])
+        return vit_pyramid(self._compact(x), patch=self.patch, offset=patch_offset(hw, self.patch), image_hw=hw)
+
+    def expand_level(self, k: int, compact: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+        hw = (int(image_hw[0]), int(image_hw[1]))
+        return pyramid_level(compact, VIT_REDUCTIONS[k], patch=self.patch, offset=patch_offset(hw, self.patch),
+                             image_hw=hw)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -44,6 +44,10 @@ class PixNetModule(nn.Module):
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.encoder(x))
 
+    def encode_compact(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's compact form of :meth:`encode` (see ``Encoder.compact``): what training caches."""
+        return list(self.encoder.compact(x))
+
     def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Features as returned by :meth:`encode` (levels not in ``used_levels`` may be ``None``)."""
         return self.head(self.decoder(features))

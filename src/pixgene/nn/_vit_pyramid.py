@@ -36,10 +36,15 @@ def pad_to_patch(x: torch.Tensor, patch: int) -> tuple[torch.Tensor, tuple[int, 
     ph, pw = -h % patch, -w % patch
     if ph == 0 and pw == 0:
         return x, (0, 0)
-    top, left = ph // 2, pw // 2
+    top, left = patch_offset((h, w), patch)
     # reflect needs the pad narrower than the image; a patch-sized pad always is for inputs >= one patch
     mode = "reflect" if min(h, w) > max(ph, pw) else "replicate"
     return F.pad(x, (left, pw - left, top, ph - top), mode=mode), (top, left)
+
+
+def patch_offset(image_hw: tuple[int, int], patch: int) -> tuple[int, int]:
+    """(top, left) pixels that :func:`pad_to_patch` adds before an image of ``image_hw`` pixels."""
+    return (-int(image_hw[0]) % patch) // 2, (-int(image_hw[1]) % patch) // 2
 
 
 def resample_grid(
@@ -84,12 +89,15 @@ def vit_pyramid(
     """
     if len(grids) != len(VIT_REDUCTIONS):
         raise ValueError(f"expected {len(VIT_REDUCTIONS)} grids, got {len(grids)}")
+    return [pyramid_level(g, r, patch=patch, offset=offset, image_hw=image_hw) for g, r in zip(grids, VIT_REDUCTIONS)]
+
+
+def pyramid_level(
+    grid: torch.Tensor, stride: int, *, patch: int, offset: tuple[int, int], image_hw: tuple[int, int]
+) -> torch.Tensor:
+    """One level of :func:`vit_pyramid`: ``grid`` sampled at the cells of stride ``stride`` of the image."""
     h, w = image_hw
-    levels = []
-    for grid, r in zip(grids, VIT_REDUCTIONS):
-        if r <= 16:
-            levels.append(resample_grid(grid, patch=patch, offset=offset, out_hw=(h // r, w // r), stride=r))
-        else:
-            fine = resample_grid(grid, patch=patch, offset=offset, out_hw=(h // 16, w // 16), stride=16)
-            levels.append(F.avg_pool2d(fine, kernel_size=r // 16))
-    return levels
+    if stride <= 16:
+        return resample_grid(grid, patch=patch, offset=offset, out_hw=(h // stride, w // stride), stride=stride)
+    fine = resample_grid(grid, patch=patch, offset=offset, out_hw=(h // 16, w // 16), stride=16)
+    return F.avg_pool2d(fine, kernel_size=stride // 16)

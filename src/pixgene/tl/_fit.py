@@ -277,8 +277,8 @@ def fit(
     if tile % align:
         fail("tile_px", f"{tile} is not a multiple of the encoder's stride {align}", f"Pass a multiple of {align}")
 
-    if torch.cuda.is_available():
-        module.to("cuda")
+    work_device = "cuda" if torch.cuda.is_available() else "cpu"
+    module.to(work_device)
     cache = build_cache(
         train_slides, module, tile=tile, margin=margin, n_views=n_views, stain_strength=stain_jitter, rng=rng,
         scale_jitter=scale_jitter, keep_images=bool(finetune_levels), progress=progress,
@@ -304,7 +304,8 @@ def fit(
     )
     if weights["count"] == 0 and weights["total"] == 0:
         # no count likelihood fixed the outputs' common scale: take it from the training spots' library sizes
-        module.eval()
+        # training leaves the decoder and head on the CPU; the encoder runs here again when it was fine-tuned
+        module.to(work_device).eval()
         summary["scale_factor"] = calibrate_scale(module, cache, batch_size=batch_size)
         logger.info("outputs rescaled by %.4g to the training spots' library sizes", summary["scale_factor"])
     module.to("cpu").eval()

@@ -110,15 +110,18 @@ def integrate_spots(lam: torch.Tensor, batch: dict) -> torch.Tensor:
     return out.index_add_(0, batch["nnz_row"], contrib)
 
 
-def batch_features(batch: dict, levels: list[int], encoder=None, device=None) -> list:
+def batch_features(batch: dict, cache: TrainingCache, encoder=None, device=None) -> list:
     """The pyramid a collated batch feeds the decoder: the encoder run on its pixels (fine-tuning), or its
-    cached features placed at their level indices (levels the decoder does not read stay ``None``)."""
+    cached features placed at their level indices (levels the decoder does not read stay ``None``), expanded
+    from their compact form where the cache holds that."""
     if encoder is not None:
         images = batch["images"] if device is None else batch["images"].to(device)
         return list(encoder(images))
+    levels = cache.levels
     feats: list = [None] * (max(levels) + 1)
     for f, i in zip(batch["features"], levels, strict=True):
-        feats[i] = f if device is None else f.to(device)
+        f = f if device is None else f.to(device)
+        feats[i] = f if cache.expand is None else cache.level(i, f)
     return feats
 
 
@@ -137,8 +140,9 @@ def calibrate_scale(module, cache: TrainingCache, *, batch_size: int = 8) -> flo
         for start in range(0, cache.n_tiles, batch_size):
             batch = collate([(t, 0) for t in range(start, min(start + batch_size, cache.n_tiles))])
             encoder = module.encoder if batch["images"] is not None else None
-            feats = batch_features(batch, cache.levels, encoder, device)
-            pred = integrate_spots(module.decode(feats), batch).cpu()
+            feats = batch_features(batch, cache, encoder, device)
+            # the batch's spot operator stays on the CPU
+            pred = integrate_spots(module.decode(feats).cpu(), batch)
             mask = batch["train_mask"]
             predicted += float(pred[mask, -1].double().sum())
             measured += float(batch["counts"][mask, -1].double().sum())
@@ -156,7 +160,7 @@ class PixNetTrainingPlan(L.LightningModule):
         # only the trainable parts are registered: the frozen encoder stays out of Lightning's train/eval switching
         self.decoder = module.decoder
         self.head = module.head
-        self.cache_levels = cache.levels
+        self.cache = cache  # a plain attribute: its levels, and how to expand compact entries
         # fine-tuning: the encoder runs in every step on cached pixels (its frozen parts need no gradient)
         self.encoder = module.encoder if cache.images is not None else None
         self.loss_weights = loss
@@ -182,7 +186,7 @@ class PixNetTrainingPlan(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     def _features(self, batch):
-        return batch_features(batch, self.cache_levels, self.encoder)
+        return batch_features(batch, self.cache, self.encoder)
 
     def _loss(self, batch, *, train: bool):
         lam = self.head(self.decoder(self._features(batch)))
@@ -315,6 +319,28 @@ def _quiet_lightning():
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _restoring_torch_flags():
+    """Training runs with ``Trainer(deterministic=True)``, which switches on deterministic algorithms, turns off
+    cuDNN benchmarking and sets CUBLAS_WORKSPACE_CONFIG for the whole process; the caller's settings come back
+    afterwards."""
+    import os
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
 def train(
     module,
     cache: TrainingCache,
@@ -356,7 +382,7 @@ def train(
         # put the raw ones back
         callbacks.append(WeightAverage(ema_decay))
     callbacks.append(EarlyStopping("val_loss", patience=patience, mode="min"))
-    with _quiet_lightning():
+    with _quiet_lightning(), _restoring_torch_flags():
         trainer = L.Trainer(
             max_epochs=max_epochs,
             accelerator="auto",
