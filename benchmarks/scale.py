@@ -7,11 +7,13 @@ Sections (each printed as a table; all numbers go to benchmarks/results/scale.js
 3. predict_dense on synthetic slides of 5,000^2, 20,000^2 and 40,000^2 px (0.5 um/px, a zarr pyramid built
    from a replicated H&E texture with a few tissue islands): each in a fresh process, its peak RSS and time,
    megapixels per second next to the bound from the model's FLOPs per pixel and the measured peak.
+   chunks: predict_dense's ``chunk_px`` (256, 512, 1024 output px) on the 20,000^2 px slide, each in a fresh
+   process: time, peak RSS, and the largest difference between the maps where both computed chunks.
 4. pg.tl.aggregate vs spatialdata's route (rasterize the polygons to labels, then spatialdata.aggregate) on a
    4,000 x 4,000 x 50-gene map with 5,000 polygons, side by side: values and time.
 5. pixgene alone: 1,000,000 cell polygons and 2 um bins over the dense map of the 20,000^2 px slide.
 
-    python benchmarks/scale.py [--workdir DIR] [--quick] [--sections tiling slides versus readout]
+    python benchmarks/scale.py [--workdir DIR] [--quick] [--sections tiling slides chunks versus readout]
 
 ``--quick`` runs everything at small sizes (a smoke test of the script, not numbers to report).
 """
@@ -35,7 +37,7 @@ import numpy as np
 RESULTS = Path(__file__).parent / "results"
 SLIDE_UM = 0.5  # microns per slide pixel (a 20x scan)
 N_GENES = 50
-SECTIONS = ("tiling", "slides", "versus", "readout")
+SECTIONS = ("tiling", "slides", "chunks", "versus", "readout")
 DECODER = {"width": 48, "out_stride": 4, "block": "fusion"}  # pg.tl.fit's defaults
 #: tissue islands: (centre x, centre y, radius x, radius y) as fractions of the slide's side
 ISLANDS = [(0.33, 0.4, 0.17, 0.21), (0.7, 0.68, 0.14, 0.16), (0.74, 0.24, 0.09, 0.07)]
@@ -290,8 +292,8 @@ def predict_child(args) -> None:
     rss_loaded = peak_rss_gb()
     _, t_halo = timed(tiling_halo, model)
     _, t_pred = timed(pg.tl.predict_dense, sdata, model, um_per_px=args.um_per_px, chunk_px=args.chunk_px,
-                      dtype=args.dtype, progress=False)
-    meta = sdata.attrs["pixgene"]["dense"]["he_pixgene"]
+                      dtype=args.dtype, key_added=args.key, progress=False)
+    meta = sdata.attrs["pixgene"]["dense"][args.key]
     print(json.dumps({
         "halo_s": t_halo, "predict_s": t_pred, "peak_rss_gb": peak_rss_gb(),
         "rss_after_imports_gb": rss_start, "rss_after_model_gb": rss_loaded, "meta": meta,
@@ -340,6 +342,54 @@ def slides_section(workdir: Path, sizes: list[int], model_dir: Path, flops_px: f
         log.info("slide %d^2: %s", side, rows[-1])
         if side != keep:
             shutil.rmtree(store, ignore_errors=True)
+    return rows
+
+
+def chunks_section(workdir: Path, side: int, model_dir: Path, *, um_per_px: float, dtype: str,
+                   chunk_sizes: tuple[int, ...] = (256, 512, 1024)) -> list[dict]:
+    """predict_dense's ``chunk_px`` on one slide: time and peak memory of each size in a fresh process, and
+    how far each map is from the first size's inside the chunks both computed (the tiling tolerance is 1e-4
+    of the map's maximum; float16 storage rounds to about 1e-3 of a value)."""
+    import spatialdata as sd
+
+    from pixgene._raster import full_resolution
+
+    store = workdir / f"slide_{side}.zarr"
+    if not store.exists():
+        build_slide(store, side, texture_tile())
+    rows = []
+    for chunk_px in chunk_sizes:
+        key = f"he_chunk{chunk_px}"
+        cmd = [sys.executable, __file__, "predict-child", "--store", str(store), "--model", str(model_dir),
+               "--um-per-px", str(um_per_px), "--chunk-px", str(chunk_px), "--dtype", dtype, "--key", key]
+        done, polled = run_polled(cmd)
+        if done.returncode != 0:
+            raise RuntimeError(f"predict child failed:\n{done.stderr[-4000:]}")
+        child = json.loads(done.stdout.strip().splitlines()[-1])
+        meta = child["meta"]
+        th, tw = meta["tile_px"]
+        rows.append({"slide_px": f"{side}^2", "chunk_px": chunk_px, "tile_px": f"{th}x{tw}",
+                     "halo_px": meta["halo_px"], "chunks_computed": meta["chunks"]["tissue"],
+                     "predict_s": round(child["predict_s"], 1), "peak_rss_gb": round(child["peak_rss_gb"], 2),
+                     "polled_peak_rss_gb": round(polled, 2)})
+        log.info("chunks: %s", rows[-1])
+    sdata = sd.read_zarr(store)
+    first = full_resolution(sdata.images[f"he_chunk{chunk_sizes[0]}"]).values.astype(np.float32)
+    scale = float(np.abs(first).max())
+    # background chunks stay zero (skip_background), and a larger chunk holds more background that it does
+    # predict: compare where the first run computed its chunks
+    c = chunk_sizes[0]
+    h, w = first.shape[1:]
+    blocks = np.zeros((-(-h // c), -(-w // c)), dtype=bool)
+    for by in range(blocks.shape[0]):
+        for bx in range(blocks.shape[1]):
+            blocks[by, bx] = bool((first[:, by * c : (by + 1) * c, bx * c : (bx + 1) * c] != 0).any())
+    computed = np.kron(blocks, np.ones((c, c), dtype=bool))[:h, :w]
+    for row, chunk_px in zip(rows, chunk_sizes, strict=True):
+        other = full_resolution(sdata.images[f"he_chunk{chunk_px}"]).values.astype(np.float32)
+        diff = np.abs(other - first)[:, computed]
+        row["max_rel_diff_in_first_chunks"] = float(f"{float(diff.max()) / scale:.3g}")
+        row["speedup_vs_first"] = round(rows[0]["predict_s"] / row["predict_s"], 2)
     return rows
 
 
@@ -550,6 +600,7 @@ def main() -> None:
     child.add_argument("--um-per-px", type=float, default=8.0)
     child.add_argument("--chunk-px", type=int, default=256)
     child.add_argument("--dtype", default="float16")
+    child.add_argument("--key", default="he_pixgene")
     parser.add_argument("--workdir", default="/tmp/pixgene-scale")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
@@ -607,6 +658,10 @@ def main() -> None:
         predict_opts = {"um_per_px": 4.0, "chunk_px": 256, "dtype": "float16"}
         slides = slides_section(workdir, sizes, model_dir, flops, enc_flops, peak, keep=mid, **predict_opts)
         result["predict_dense"] = {"options": predict_opts, "slide_um_per_px": SLIDE_UM, "slides": slides}
+        result["machine"] = machine
+    if "chunks" in sections:
+        result["chunks"] = {"options": {"um_per_px": 4.0, "dtype": "float16"}, "slide_um_per_px": SLIDE_UM,
+                            "rows": chunks_section(workdir, mid, model_dir, um_per_px=4.0, dtype="float16")}
         result["machine"] = machine
     if "versus" in sections:
         result["aggregate_vs_spatialdata"] = versus_spatialdata(side=1000 if quick else 4000,
@@ -672,6 +727,9 @@ def render(r: dict) -> str:
     if "predict_dense" in r:
         parts.append(table("predict_dense on synthetic slides (0.5 um/px, fresh process each; output "
                            f"{r['predict_dense']['options']})", r["predict_dense"]["slides"]))
+    if "chunks" in r:
+        parts.append(table("predict_dense's chunk_px on one slide (0.5 um/px, fresh process each; output "
+                           f"{r['chunks']['options']}; maps compared with the first row's)", r["chunks"]["rows"]))
     if "aggregate_vs_spatialdata" in r:
         parts.append(table("pg.tl.aggregate vs spatialdata (rasterize -> aggregate), same run",
                            [r["aggregate_vs_spatialdata"]]))
