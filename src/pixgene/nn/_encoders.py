@@ -28,7 +28,12 @@ from torch import nn
 
 from .._validate import PixgeneInputError, fail
 from ._vit_pyramid import (
-    VIT_REDUCTIONS, pad_to_patch, patch_offset, pyramid_level, vit_block_indices, vit_pyramid,
+    VIT_REDUCTIONS,
+    pad_to_patch,
+    patch_offset,
+    pyramid_level,
+    vit_block_indices,
+    vit_pyramid,
 )
 
 __all__ = ["Encoder", "build_encoder", "encoder_flops_per_pixel", "list_encoders"]
