@@ -103,9 +103,10 @@ def bench_encoders(names: list[str], *, device: str, batch: int, iters: int, til
         build_s = time.perf_counter() - t0
         n_params = sum(p.numel() for p in encoder.parameters())
         for tile in tiles:
-            if tile % max(encoder.reductions) and name == "efficientnet_lite0":
+            if tile % max(encoder.reductions):
+                log.warning("%s: %d px tiles skipped (not a multiple of its largest stride)", name, tile)
                 continue
-            flops = encoder_flops_per_pixel(encoder, size=tile - tile % max(encoder.reductions)) * tile * tile
+            flops = encoder_flops_per_pixel(encoder, size=tile) * tile * tile
             for precision in PRECISIONS:
                 if precision == "tf32" and not device.startswith("cuda"):
                     continue

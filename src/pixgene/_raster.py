@@ -17,6 +17,17 @@ def scale_levels(element: Any) -> list[tuple[Any, float]]:
     return [(element, 1.0)]
 
 
+def linear_weights(n_out: int, n_in: int, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """1-D linear interpolation at the centres of ``n_out`` output pixels of ``scale`` input pixels each
+    (align_corners=False: output pixel ``o`` reads input coordinate ``(o + 0.5) * scale - 0.5``, clamped to the
+    first and last samples). Returns ``(lo, hi, w)``: output ``o`` is ``(1 - w[o]) * in[lo[o]] + w[o] * in[hi[o]]``.
+    """
+    pos = np.clip((np.arange(n_out) + 0.5) * scale - 0.5, 0, n_in - 1)
+    lo = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, pos - lo
+
+
 def full_resolution(element: Any) -> Any:
     return scale_levels(element)[0][0]
 

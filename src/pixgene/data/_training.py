@@ -94,10 +94,12 @@ class TrainingCache:
 
     def level(self, k: int, cached):
         """Decoder level ``k`` of a batch of cached entries (B, C, h, w): float32, expanded if compact."""
+        import torch
+
         x = cached.float()
         if self.expand is None:
             return x
-        return self.expand(k, x, (self.tile, self.tile)).contiguous(memory_format=_channels_last())
+        return self.expand(k, x, (self.tile, self.tile)).contiguous(memory_format=torch.channels_last)
 
 
 def build_cache(
@@ -202,12 +204,6 @@ def build_cache(
                          images=pixels, expand=encoder.expand_level if compact and feats is not None else None)
 
 
-def _channels_last():
-    import torch
-
-    return torch.channels_last
-
-
 def _random_shift(c, radius, x0, y0, tile, margin, stride, rng) -> tuple[int, int]:
     """A shift (multiple of the output stride) that keeps the spots ``c`` fully inside the tile's core."""
     if len(c) == 0:
@@ -254,8 +250,7 @@ def feature_stats(cache: TrainingCache, module) -> tuple[dict, dict]:
         for f, i in zip(cache.features, cache.levels, strict=True):
             step = chunk if cache.expand is None else max(1, chunk // f.shape[1])  # expanded levels are larger
             for t in range(0, f.shape[0], step):
-                part = f[t : t + step]
-                moments.add(i, part if cache.expand is None else cache.level(i, part.flatten(0, 1)))
+                moments.add(i, cache.level(i, f[t : t + step].flatten(0, 1)))
     else:
         device = next(module.encoder.parameters()).device
         with torch.inference_mode():

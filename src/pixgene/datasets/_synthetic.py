@@ -371,10 +371,9 @@ def _at(field: np.ndarray, xy_um: np.ndarray) -> np.ndarray:
 def _interp_matrix(n_out: int, out_um: float, n_in: int, in_um: float):
     import scipy.sparse as sp
 
-    pos = np.clip((np.arange(n_out) + 0.5) * out_um / in_um - 0.5, 0, n_in - 1)
-    lo = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
-    hi = np.minimum(lo + 1, n_in - 1)
-    w = pos - lo
+    from .._raster import linear_weights
+
+    lo, hi, w = linear_weights(n_out, n_in, out_um / in_um)
     rows = np.concatenate([np.arange(n_out)] * 2)
     return sp.csr_matrix((np.concatenate([1 - w, w]), (rows, np.concatenate([lo, hi]))), shape=(n_out, n_in))
 

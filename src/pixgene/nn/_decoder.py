@@ -34,18 +34,18 @@ def upsample_bilinear_by_matmul(x: torch.Tensor, size: tuple[int, int]) -> torch
 
 
 def interpolation_matrix(n_out: int, n_in: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
-    """(n_out, n_in) weights of 1-D linear interpolation with PyTorch's align_corners=False convention:
-    source coordinate ``(o + 0.5) * n_in / n_out - 0.5``, clamped to the first and last samples."""
-    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0.0)
-    i0 = src.floor().long().clamp_max(n_in - 1)
-    i1 = (i0 + 1).clamp_max(n_in - 1)
-    w1 = src - i0
-    w1 = torch.where(i1 == i0, torch.zeros_like(w1), w1)
-    out = torch.zeros(n_out, n_in, dtype=torch.float64)
-    rows = torch.arange(n_out)
-    out.index_put_((rows, i0), 1.0 - w1, accumulate=True)
-    out.index_put_((rows, i1), w1, accumulate=True)
-    return out.to(dtype=dtype, device=device)
+    """(n_out, n_in) weights of 1-D linear interpolation with PyTorch's align_corners=False convention
+    (:func:`pixgene._raster.linear_weights` at ``n_in / n_out`` input pixels per output pixel)."""
+    import numpy as np
+
+    from .._raster import linear_weights
+
+    lo, hi, w = linear_weights(n_out, n_in, n_in / n_out)
+    out = np.zeros((n_out, n_in))
+    rows = np.arange(n_out)
+    np.add.at(out, (rows, lo), 1.0 - w)
+    np.add.at(out, (rows, hi), w)
+    return torch.from_numpy(out).to(dtype=dtype, device=device)
 
 
 class ChannelLayerNorm(nn.Module):

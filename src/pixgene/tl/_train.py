@@ -120,8 +120,7 @@ def batch_features(batch: dict, cache: TrainingCache, encoder=None, device=None)
     levels = cache.levels
     feats: list = [None] * (max(levels) + 1)
     for f, i in zip(batch["features"], levels, strict=True):
-        f = f if device is None else f.to(device)
-        feats[i] = f if cache.expand is None else cache.level(i, f)
+        feats[i] = cache.level(i, f if device is None else f.to(device))
     return feats
 
 
