@@ -48,6 +48,70 @@ def test_window_attention_matches_explicit_per_window_softmax():
     np.testing.assert_allclose(out, (skip + proj).detach().numpy(), atol=1e-5)
 
 
+def test_smooth_window_attention_blends_four_window_grids_with_tent_weights():
+    """Reference: for each grid of windows starting at 0 or k/2 before the map, a softmax over each window's
+    pixels inside the map, every pixel's output weighted by the product of its tents (1 - |r + 0.5 - k/2| /
+    (k/2), r its position in its window) along y and x."""
+    from pixgene.nn._decoder import WindowAttention
+
+    torch.manual_seed(1)
+    k, heads, d = 4, 2, 2
+    attn = WindowAttention(6, heads * d, heads=heads, window=k, smooth=True).eval()
+    x = torch.randn(1, 6, 8, 12)
+    out = attn(x).detach().numpy()
+    qkv = attn.qkv(x).detach().numpy()[0]
+    c = heads * d
+    q, key, v = qkv[:c], qkv[c : 2 * c], qkv[2 * c :]
+    _, h, w = q.shape
+    ref = np.zeros((c, h, w))
+
+    def tent(i, off):
+        r = (i + off) % k
+        return 1.0 - abs(r + 0.5 - k / 2) / (k / 2)
+
+    for oy in (0, k // 2):
+        for ox in (0, k // 2):
+            for y in range(h):
+                for xx in range(w):
+                    # the window of this grid that holds (y, xx), cut to the map
+                    wy0 = (y + oy) // k * k - oy
+                    wx0 = (xx + ox) // k * k - ox
+                    ys = [i for i in range(wy0, wy0 + k) if 0 <= i < h]
+                    xs = [j for j in range(wx0, wx0 + k) if 0 <= j < w]
+                    for hd in range(heads):
+                        ch = slice(hd * d, hd * d + d)
+                        K = np.stack([key[ch, i, j] for i in ys for j in xs])
+                        V = np.stack([v[ch, i, j] for i in ys for j in xs])
+                        a = K @ q[ch, y, xx] / np.sqrt(d)
+                        a = np.exp(a - a.max())
+                        a /= a.sum()
+                        ref[ch, y, xx] += tent(y, oy) * tent(xx, ox) * (a @ V)
+    proj = torch.nn.functional.conv2d(torch.from_numpy(ref[None]).float(), attn.proj.weight, attn.proj.bias)
+    np.testing.assert_allclose(out, (attn.skip(x) + proj).detach().numpy(), atol=1e-5)
+
+
+def test_smooth_window_attention_has_no_steps_at_window_edges():
+    """On a smooth input, plain windows jump where windows meet; the blended grids change there no more than
+    anywhere else."""
+    from pixgene.nn._decoder import WindowAttention
+
+    torch.manual_seed(0)
+    plain = WindowAttention(16, 8, heads=2, window=8).eval()
+    smooth = WindowAttention(16, 8, heads=2, window=8, smooth=True).eval()
+    smooth.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 16, 64, 64).cumsum(-1).cumsum(-2) / 20
+    steps = {}
+    for name, m in (("plain", plain), ("smooth", smooth)):
+        with torch.no_grad():
+            y = m(x) - m.skip(x)
+        dx = (y[..., 1:] - y[..., :-1]).abs().mean((0, 1, 2)).numpy()
+        edges = dx[7::8]  # between columns 8i + 7 and 8i + 8
+        inside = np.delete(dx, np.arange(7, dx.size, 8))
+        steps[name] = edges.mean() / inside.mean()
+    assert steps["plain"] > 10
+    assert steps["smooth"] < 1.5
+
+
 @pytest.mark.parametrize("block", ["fusion", "conv"])
 def test_decoder_output_is_non_negative_at_output_stride(block):
     from pixgene.nn import build_encoder

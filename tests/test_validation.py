@@ -142,6 +142,9 @@ def test_bad_input_leaves_the_store_untouched(synthetic_small, tmp_path):
         ({"ema_decay": 1.0}, "ema_decay"),
         ({"ema_decay": -0.1}, "ema_decay"),
         ({"ema_decay": True}, "ema_decay"),
+        ({"attention_window": 5}, "attention_window"),
+        ({"attention_window": 0}, "attention_window"),
+        ({"smooth_windows": "yes"}, "smooth_windows"),
     ],
 )
 def test_bad_fit_options_fail_before_work(synthetic_small, option, message):

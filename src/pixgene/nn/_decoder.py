@@ -86,10 +86,18 @@ class WindowAttention(nn.Module):
 
     Windows (rather than the whole tile) keep every output a function of a bounded neighbourhood, so a slide
     predicted tile by tile (tiles aligned to the window grid) equals a single pass over the whole image.
+
+    With one grid of windows, neighbouring pixels on either side of a window edge attend to disjoint sets, so
+    the output steps there: a dense map shows the window grid as a lattice of straight edges. ``smooth=True``
+    runs four grids, offset by half a window in y, x or both (windows cut by the map's edge attend to their
+    pixels inside it), and blends them with tent weights that fall to 1/window at a window's edge and add up
+    to one: the output is continuous across window edges, for four times the attention's cost.
     """
 
-    def __init__(self, in_channels: int, channels: int, heads: int = 4, window: int = 8) -> None:
+    def __init__(self, in_channels: int, channels: int, heads: int = 4, window: int = 8,
+                 smooth: bool = False) -> None:
         super().__init__()
+        self.smooth = bool(smooth)
         heads = max(1, min(heads, channels))
         while channels % heads:
             heads -= 1
@@ -99,31 +107,70 @@ class WindowAttention(nn.Module):
         self.skip = nn.Conv2d(in_channels, channels, 1) if in_channels != channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
+        h, w = x.shape[-2:]
         k = self.window
         if h % k or w % k:
             raise ValueError(f"feature map {h}x{w} is not a multiple of the attention window {k}")
         qkv = self.qkv(x)
-        c = qkv.shape[1] // 3
+        if not self.smooth:
+            out = self._windows(qkv, None)
+        else:
+            out = None
+            for oy in (0, k // 2):
+                for ox in (0, k // 2):
+                    part = self._shifted(qkv, oy, ox) * (_tent(h, k, oy, qkv)[:, None] * _tent(w, k, ox, qkv)[None])
+                    out = part if out is None else out + part
+        return self.skip(x) + self.proj(out)
+
+    def _shifted(self, qkv: torch.Tensor, oy: int, ox: int) -> torch.Tensor:
+        """Attention in windows whose grid starts ``oy``, ``ox`` pixels before the map (padding masked)."""
+        if not (oy or ox):
+            return self._windows(qkv, None)
+        k = self.window
+        h, w = qkv.shape[-2:]
+        pad = (ox, (k - ox) % k, oy, (k - oy) % k)
+        valid = F.pad(torch.ones(1, 1, h, w, dtype=qkv.dtype, device=qkv.device), pad)
+        out = self._windows(F.pad(qkv, pad), valid)
+        return out[..., oy:oy + h, ox:ox + w]
+
+    def _windows(self, qkv: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        b, c3, h, w = qkv.shape
+        k = self.window
+        c = c3 // 3
         d = c // self.heads
+        nw = (h // k) * (w // k)
         # (b, 3, heads, d, h/k, k, w/k, k) -> (3, b * h/k * w/k * heads, k*k, d)
         t = qkv.reshape(b, 3, self.heads, d, h // k, k, w // k, k).permute(1, 0, 4, 6, 2, 5, 7, 3)
-        q, key, v = t.reshape(3, b * (h // k) * (w // k) * self.heads, k * k, d).unbind(0)
+        q, key, v = t.reshape(3, b * nw * self.heads, k * k, d).unbind(0)
         # plain softmax(q k^T / sqrt(d)) v: on a CPU, scaled_dot_product_attention falls back to a "safe"
         # softmax whose masking checks cost ~15% of a training step here, for the same values
-        out = torch.bmm(torch.bmm(q * d**-0.5, key.transpose(1, 2)).softmax(-1), v)
-        out = out.reshape(b, h // k, w // k, self.heads, k, k, d).permute(0, 3, 6, 1, 4, 2, 5).reshape(b, c, h, w)
-        return self.skip(x) + self.proj(out)
+        logits = torch.bmm(q * d**-0.5, key.transpose(1, 2))
+        if valid is not None:
+            # padded keys get no weight: (h/k * w/k, 1, k*k) bias, the same for every image and head
+            mask = valid.reshape(h // k, k, w // k, k).permute(0, 2, 1, 3).reshape(nw, 1, k * k)
+            bias = (mask - 1.0) * 1e4
+            logits = (logits.reshape(b, nw, self.heads, k * k, k * k) + bias[None, :, None]).reshape(logits.shape)
+        out = torch.bmm(logits.softmax(-1), v)
+        return out.reshape(b, h // k, w // k, self.heads, k, k, d).permute(0, 3, 6, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def _tent(n: int, k: int, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """Weight of each of ``n`` pixels in its window of a grid of ``k``-pixel windows starting ``offset`` pixels
+    before pixel 0: 1 at the window's centre, falling linearly to 1/k at its edges. The weights of the grids
+    at offsets 0 and k / 2 add up to 1 at every pixel."""
+    r = (torch.arange(n, dtype=like.dtype, device=like.device) + offset) % k
+    return 1.0 - (r + 0.5 - k / 2).abs() / (k / 2)
 
 
 class FusionBlock(nn.Module):
     """Refine the skip feature, concatenate with the upsampled decoder feature, attend (PixNet's SAFB)."""
 
-    def __init__(self, skip_channels: int, channels: int, heads: int = 4, window: int = 8) -> None:
+    def __init__(self, skip_channels: int, channels: int, heads: int = 4, window: int = 8,
+                 smooth: bool = False) -> None:
         super().__init__()
         self.inp = nn.Conv2d(skip_channels, channels, 1)
         self.refine = SkipRefine(channels)
-        self.attend = WindowAttention(2 * channels, channels, heads, window)
+        self.attend = WindowAttention(2 * channels, channels, heads, window, smooth=smooth)
         self.out = SkipRefine(channels)
 
     def forward(self, skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -134,10 +181,12 @@ class FusionBlock(nn.Module):
 class ConvBlock(nn.Module):
     """Plain U-Net fusion (the ablation): concatenate, two 3x3 convs with per-pixel LayerNorm and SiLU.
 
-    No normalisation pools over the tile, so tiled and whole-image predictions agree.
+    No normalisation pools over the tile, so tiled and whole-image predictions agree. ``heads``, ``window`` and
+    ``smooth`` are accepted for a common signature with :class:`FusionBlock` and unused.
     """
 
-    def __init__(self, skip_channels: int, channels: int, heads: int = 4, window: int = 8) -> None:
+    def __init__(self, skip_channels: int, channels: int, heads: int = 4, window: int = 8,
+                 smooth: bool = False) -> None:
         super().__init__()
         self.inp = nn.Conv2d(skip_channels, channels, 1)
         self.body = nn.Sequential(
@@ -170,6 +219,7 @@ class Decoder(nn.Module):
         heads: int = 4,
         window: int = 8,
         standardize: bool = False,
+        smooth: bool = False,
     ) -> None:
         super().__init__()
         if block not in BLOCKS:
@@ -189,7 +239,7 @@ class Decoder(nn.Module):
         coarsest = self.levels[-1]
         self.top = nn.Sequential(nn.Conv2d(channels[coarsest], width, 1), SkipRefine(width))
         self.blocks = nn.ModuleList(
-            BLOCKS[block](channels[i], width, heads, window) for i in reversed(self.levels[:-1])
+            BLOCKS[block](channels[i], width, heads, window, smooth=smooth) for i in reversed(self.levels[:-1])
         )
         attention = block == "fusion"
         # tiles must start on multiples of this (encoder pixels) for attention windows to align across tiles

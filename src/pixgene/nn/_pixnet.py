@@ -22,12 +22,13 @@ class PixNetModule(nn.Module):
         heads: int = 4,
         window: int = 8,
         standardize: bool = False,
+        smooth: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = Decoder(
             list(encoder.channels), list(encoder.reductions), width=width, out_stride=out_stride, block=block,
-            heads=heads, window=window, standardize=standardize,
+            heads=heads, window=window, standardize=standardize, smooth=smooth,
         )
         self.head = IntensityHead(width, n_outputs)
         self.out_stride = out_stride

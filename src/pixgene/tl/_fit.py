@@ -98,6 +98,8 @@ def fit(
     decoder: str = "fusion",
     width: int = 48,
     out_stride: int = 4,
+    smooth_windows: bool = False,
+    attention_window: int = 8,
     standardize_features: bool | str = "slide",
     tile_px: int | None = None,
     n_views: int = 4,
@@ -141,6 +143,14 @@ def fit(
     width, out_stride
         Decoder width and output stride in encoder pixels (the model's output pixel is
         ``out_stride * encoder.um_per_px`` microns).
+    smooth_windows
+        Fusion blocks attend within four grids of windows offset by half a window and blend them
+        (``pixgene.nn._decoder.WindowAttention`` with ``smooth=True``), in place of one grid. One grid leaves the
+        window lattice in the dense map as straight steps (every 32, 64 and 128 encoder pixels with the default
+        decoder); four remove them, for about three times the decoder's compute in training and prediction.
+    attention_window
+        Side of the fusion blocks' attention windows, in pixels of each level (tile origins are multiples of
+        ``window x`` the level's stride). The attention's compute grows with the window's area.
     standardize_features
         Standardise every encoder channel the decoder reads (mean 0, sd 1) before the decoder's first layer.
         ``"slide"`` (default): each slide by its own statistics, over 32 tiles centred on random points of its
@@ -214,6 +224,12 @@ def fit(
     for name, value in (("max_epochs", max_epochs), ("patience", patience), ("batch_size", batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             fail(name, f"{value!r} is not a positive integer", "Pass e.g. 12, or None for the default")
+    if isinstance(attention_window, bool) or not isinstance(attention_window, int) or attention_window < 2 \
+            or attention_window % 2:
+        fail("attention_window", f"{attention_window!r} is not an even integer of at least 2",
+             "Pass e.g. 8 (the default) or 4")
+    if not isinstance(smooth_windows, bool):
+        fail("smooth_windows", f"{smooth_windows!r} is not True or False", "Pass True or False")
     if isinstance(ema_decay, bool) or not isinstance(ema_decay, int | float) or not 0 <= ema_decay < 1:
         fail("ema_decay", f"{ema_decay!r} is not in [0, 1)", "Pass e.g. 0.99, or 0 for the raw weights")
     ema_decay = float(ema_decay)
@@ -234,6 +250,10 @@ def fit(
     torch.manual_seed(random_state)
     rng = np.random.default_rng(random_state)
     decoder_config = {"width": width, "out_stride": out_stride, "block": decoder}
+    if smooth_windows:
+        decoder_config["smooth"] = True
+    if attention_window != 8:
+        decoder_config["window"] = int(attention_window)
     if standardize:
         # True: the training tiles' statistics; "slide": each slide's own (recomputed on every predicted slide)
         decoder_config["standardize"] = True if standardize == "training" else "slide"
