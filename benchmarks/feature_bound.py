@@ -12,9 +12,9 @@ Rows:
 - ``expected truth``: ``truth_expected`` (the truth without the cell-to-cell variability no image explains).
 - ``pixgene, 100 um spots``: ``pg.tl.fit`` with its defaults on the 100 um spots (150 um pitch) of the whole
   image, ``pg.tl.predict_dense`` at 4 um per pixel.
-- ``dense head on truth, encoder at U um/px``: the encoder's levels of stride 4 to 16 (1 um/px) or 8 to 32
-  (0.5 um/px: the image is upsampled twice first) brought to the 4 um grid (finer levels averaged, coarser
-  ones interpolated), standardised, and a head of three 3x3 convolutions (128 channels, SiLU, softplus
+- ``dense head on truth, encoder at U um/px``: the encoder's levels of 2 to 16 um (strides 2 to 16 at
+  1 um/px; 4 to 32 at 0.5 um/px, the image upsampled twice first) brought to the 4 um grid (finer levels
+  averaged, coarser ones interpolated), standardised, and a head of three 3x3 convolutions (128 channels, SiLU, softplus
   output) trained with squared error on the expected truth of the left half (random 64 x 64 crops).
 
 Scores: PCC@M (mean over genes of the per-gene Pearson r across bins) and PCC@S (median) on the right half,
@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import xarray as xr
+
+from pixgene.data._mask import block_mean
 
 RESULTS = Path(__file__).parent / "results"
 MAP_UM = 4.0
@@ -46,39 +47,32 @@ log = logging.getLogger("feature_bound")
 
 
 def image_array(sdata, key: str, channels=None) -> np.ndarray:
-    el = sdata.images[key]
-    el = el if isinstance(el, xr.DataArray) else el["scale0"].image
+    from pixgene._raster import full_resolution
+
+    el = full_resolution(sdata.images[key])
     if channels is not None:
         el = el.sel(c=list(channels))
     return np.asarray(el.values)
 
 
-def block_mean(a: np.ndarray, k: int) -> np.ndarray:
-    """(c, h, w) -> (c, h / k, w / k) means over k x k blocks (h, w cut to multiples of k)."""
-    c, h, w = a.shape
-    h, w = h // k * k, w // k * k
-    return a[:, :h, :w].reshape(c, h // k, k, w // k, k).mean((2, 4))
-
-
 def scores(pred: np.ndarray, truth: np.ndarray, tissue: np.ndarray) -> dict:
-    """PCC@M / PCC@S of ``pred`` against ``truth`` (both (genes, h, w) on the 4 um grid) over square bins."""
+    """PCC@M / PCC@S of ``pred`` against ``truth`` (both (genes, h, w) on the 4 um grid) over square bins,
+    scored as ``pg.tl.evaluate`` scores tables (bins x genes)."""
+    from pixgene.tl._evaluate import score_matrices
+
     out = {}
     for b in BINS_UM:
         k = int(round(b / MAP_UM))
         p, t = block_mean(pred, k), block_mean(truth, k)
         keep = block_mean(tissue[None].astype(np.float64), k)[0] > 0.5
-        p, t = p[:, keep], t[:, keep]
-        p = p - p.mean(1, keepdims=True)
-        t = t - t.mean(1, keepdims=True)
-        den = np.sqrt((p * p).sum(1) * (t * t).sum(1))
-        r = np.where(den > 0, (p * t).sum(1) / np.where(den > 0, den, 1.0), np.nan)
-        out[f"{b:g} um"] = {"PCC@M": round(float(np.nanmean(r)), 4), "PCC@S": round(float(np.nanmedian(r)), 4),
+        s = score_matrices(p[:, keep].T, t[:, keep].T, [str(g) for g in range(len(p))]).summary
+        out[f"{b:g} um"] = {"PCC@M": round(s["PCC@M"], 4), "PCC@S": round(s["PCC@S"], 4),
                             "n_bins": int(keep.sum())}
     return out
 
 
 def pyramid_on_grid(image: np.ndarray, encoder_um: float, *, tile: int = 512, halo: int = 64) -> np.ndarray:
-    """The default encoder's levels finer than 32 um, on the 4 um grid of a 1 um/px (3, H, W) float image."""
+    """The default encoder's levels of 2 to 16 um, on the 4 um grid of a 1 um/px (3, H, W) float image."""
     import torch
     import torch.nn.functional as F
 
@@ -101,11 +95,10 @@ def pyramid_on_grid(image: np.ndarray, encoder_um: float, *, tile: int = 512, ha
                 levels = []
                 for r, f in zip(enc.reductions, enc(t), strict=True):
                     um = r * encoder_um
-                    if um < MAP_UM or um > 16.0:
-                        if um < MAP_UM and um >= 2.0:
-                            levels.append(F.adaptive_avg_pool2d(f, size))
+                    if not 2.0 <= um <= 16.0:
                         continue
-                    levels.append(f if f.shape[-2:] == size else
+                    # finer than the grid: averaged onto it; as fine or coarser: interpolated (identity at 4 um)
+                    levels.append(F.adaptive_avg_pool2d(f, size) if um < MAP_UM else
                                   F.interpolate(f, size=size, mode="bilinear", align_corners=False))
                 cat = torch.cat(levels, 1)[0].numpy()
                 if out is None:
