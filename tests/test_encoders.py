@@ -69,7 +69,7 @@ def lite0():
 def lite0_classifier():
     """timm's full efficientnet_lite0 (classifier included) carrying the bundled weights."""
     timm = _timm()
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    model = timm.create_model("efficientnet_lite0", pretrained=False, pad_type="same")  # as pixgene builds it
     mapped = enc._bundled_efficientnet_lite0({k: v.shape for k, v in model.state_dict().items()})
     missing, unexpected = model.load_state_dict(mapped, strict=False)
     assert unexpected == [] and all(k.endswith("num_batches_tracked") for k in missing)
@@ -121,6 +121,45 @@ def test_bundled_weights_differ_from_random_init_and_reach_the_pyramid(lite0, li
     assert float(torch.corrcoef(torch.stack([taps[:, 3], taps[:, 4]]))[0, 1]) > 0.3
 
 
+def _receptive_field_centroids(encoder, x: torch.Tensor) -> list[tuple[float, float]]:
+    """Per level: (y, x) of the input-gradient centroid of the central cell's channels, in pixels, minus the
+    centre of the pixels that cell stands for (the grid the decoder and the spot operators assume)."""
+    x = x.clone().requires_grad_(True)
+    levels = encoder(x)
+    n = x.shape[-1]
+    centre = torch.arange(n, dtype=torch.float64) + 0.5
+    out = []
+    for level, stride in zip(levels, encoder.reductions, strict=True):
+        j = level.shape[-1] // 2
+        (grad,) = torch.autograd.grad(level[0, :, j, j].abs().sum(), x, retain_graph=True)
+        w = grad.abs().sum((0, 1)).double()
+        w = w / w.sum()
+        cell = stride * j + stride / 2
+        out.append((float(w.sum(1) @ centre) - cell, float(w.sum(0) @ centre) - cell))
+    return out
+
+
+def test_bundled_lite0_uses_same_padding_so_features_sit_on_their_cells():
+    """The bundled weights were trained with TensorFlow's "SAME" padding. Built that way, each level's effective
+    receptive field is centred on the cell it is stored in (strides 4-16 within 2 px); with timm's symmetric
+    padding the same weights look up-left of it, 5+ px at stride 8 and 9+ px at stride 16."""
+    default = build_encoder("efficientnet_lite0", out_indices=[1, 2, 3])
+    symmetric = build_encoder("efficientnet_lite0", out_indices=[1, 2, 3], pad_type="")
+    assert default.config()["pad_type"] == "same" and symmetric.config()["pad_type"] == ""
+    assert "pad_type" not in build_encoder("efficientnet_lite0", weights=None).config()  # not the bundled weights
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 288, 288)
+    aligned = _receptive_field_centroids(default, x)
+    shifted = _receptive_field_centroids(symmetric, x)
+    assert max(abs(v) for c in aligned for v in c) < 2.0, aligned
+    for (dy, dx), bound in zip(shifted, (1.0, 5.0, 9.0), strict=True):
+        assert dy < -bound and dx < -bound, shifted
+    rebuilt = build_encoder(**default.config())
+    with torch.no_grad():
+        for a, b in zip(default(x[..., :64, :64]), rebuilt(x[..., :64, :64]), strict=True):
+            assert torch.equal(a, b)
+
+
 def test_pyramid_of_a_natural_image_is_not_degenerate(lite0):
     with torch.no_grad():
         feats = lite0(_natural_image(96))
@@ -144,7 +183,7 @@ def test_lite0_pyramid_shapes(lite0, height, width):
 
 def test_encoder_applies_its_normalisation(lite0):
     timm = _timm()
-    raw = timm.create_model("efficientnet_lite0", features_only=True)
+    raw = timm.create_model("efficientnet_lite0", features_only=True, pad_type="same")  # as the bundled weights
     raw.load_state_dict(lite0.body.state_dict())
     raw.eval()
     x = _natural_image(64)

@@ -152,6 +152,32 @@ def test_save_load_round_trip_gives_identical_predictions(fitted_session, tmp_pa
     np.testing.assert_array_equal(loaded.predict_intensity(tile), model.predict_intensity(tile))
 
 
+def test_models_saved_before_same_padding_load_with_symmetric_padding(fitted_session, tmp_path):
+    """Format version 1 recorded no padding: its bundled EfficientNet-Lite0 ran with timm's symmetric padding,
+    so a model saved then must be rebuilt with it, not with the "SAME" padding the bundled encoder has now."""
+    from pixgene.nn._encoders import build_encoder
+    from pixgene.tl import PixNet
+
+    _, model = fitted_session
+    assert model.encoder_config["pad_type"] == "same"
+    model.save(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["format_version"] == 2 and config["encoder"]["pad_type"] == "same"
+    current = PixNet.load(tmp_path / "m")
+    config["format_version"] = 1
+    del config["encoder"]["pad_type"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    legacy = PixNet.load(tmp_path / "m")
+    assert legacy.encoder_config["pad_type"] == ""
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        want = build_encoder("efficientnet_lite0", pad_type="")(x)
+        other = current.module.encoder(x)
+        for a, b, c in zip(legacy.module.encoder(x), want, other, strict=True):
+            assert torch.equal(a, b)
+            assert not torch.allclose(a, c, atol=1e-3)
+
+
 def test_save_refuses_to_overwrite_and_load_detects_tampering(fitted_session, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -76,6 +76,8 @@ class _Entry:
     hub_repo: str | None = None  # None: the timm model's pretrained_cfg hf_hub_id
     timm_kwargs: Callable[[], dict] = field(default=dict)
     bundled: Callable[[Mapping[str, torch.Size]], dict[str, torch.Tensor]] | None = None
+    # timm settings the bundled weights were trained with (applied with them, recorded in the config)
+    bundled_kwargs: Callable[[], dict] = field(default=dict)
     about: str = ""
 
 
@@ -142,6 +144,21 @@ def _bundled_efficientnet_lite0(ref_shapes: Mapping[str, torch.Size]) -> dict[st
     return mapped
 
 
+def _tf_same_padding() -> dict:
+    """TensorFlow's "SAME" padding, which the bundled EfficientNet-Lite0 weights were trained with.
+
+    With timm's default symmetric padding these weights place each level's effective receptive field (the
+    input gradient's centroid of a feature) up-left of the cell it is stored in: about 2, 6, 11 and 30 px at
+    strides 4, 8, 16 and 32, so the levels the decoder fuses disagree about where things are. With "SAME"
+    padding the centroids sit within about 1 px of their cells at strides 4-16 (4 px at stride 32).
+    """
+    return {"pad_type": "same"}
+
+
+#: the padding every model saved before the bundled encoder used "SAME" padding (format version 1) had
+LEGACY_PADDING = {"efficientnet_lite0": {"pad_type": ""}}
+
+
 _REGISTRY: dict[str, _Entry] = {
     "efficientnet_lite0": _Entry(
         "efficientnet_lite0",
@@ -150,6 +167,7 @@ _REGISTRY: dict[str, _Entry] = {
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         bundled=_bundled_efficientnet_lite0,
+        bundled_kwargs=_tf_same_padding,
         about="ImageNet EfficientNet-Lite0, bundled offline (strides 2-32, 16/24/40/112/320 channels)",
     ),
     "uni": _Entry(
@@ -452,8 +470,9 @@ def build_encoder(
         ``"efficientnet_lite0"`` (bundled ImageNet weights, works offline), ``"uni2"`` (UNI2-h), ``"uni"``
         (UNI), or any timm CNN or plain-ViT model name.
     weights
-        ``"default"``: the bundled weights for ``efficientnet_lite0``, otherwise the Hugging Face hub (the
-        local hub cache first; the network only when reachable). A path: a local ``.safetensors``, or a
+        ``"default"``: the bundled weights for ``efficientnet_lite0`` (built with the TensorFlow "SAME"
+        padding they were trained with, ``pad_type="same"``, unless ``pad_type`` is passed), otherwise the
+        Hugging Face hub (the local hub cache first; the network only when reachable). A path: a local ``.safetensors``, or a
         ``.pth``/``.pt``/``.bin``/``.ckpt`` tensor checkpoint (never unpickled beyond tensors), or a folder
         holding ``model.safetensors`` or ``pytorch_model.bin``; loaded strictly after stripping wrapper
         prefixes (``module.``, ``model.``, ``encoder.``, ...) and ignoring classifier heads.
@@ -491,6 +510,9 @@ def _build(
 ) -> Encoder:
     entry, family, um = _resolve(name, um_per_px, overrides)
     source = _check_weights_arg(name, weights)
+    if source == "default" and entry.bundled is not None:
+        # the bundled weights' own settings, recorded with the encoder's config so a rebuild matches
+        overrides = {**entry.bundled_kwargs(), **overrides}
     kwargs = {**entry.timm_kwargs(), **overrides}
 
     if family == "cnn":

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # fit() remembers its model per SpatialData so predict_dense can follow without passing it again
 _LAST_MODEL: dict[int, tuple[weakref.ref, PixNet]] = {}
@@ -201,8 +201,9 @@ class PixNet:
         genes = config.get("genes") or []
         if not genes or config.get("outputs") != [*genes, TOTAL_CHANNEL]:
             fail(f"model {str(path)!r}", "config.json has no consistent gene list", "Re-save the model")
+        encoder_config = legacy_encoder_config(config)
         module = build_module(
-            config["encoder"],
+            encoder_config,
             encoder_weights if encoder_weights is not None else config.get("encoder_weights"),
             n_outputs=len(genes) + 1,
             decoder_config=config["decoder"],
@@ -222,7 +223,7 @@ class PixNet:
         model = cls(
             module.to(device),
             genes=genes,
-            encoder_config=config["encoder"],
+            encoder_config=encoder_config,
             encoder_weights=config.get("encoder_weights"),
             decoder_config=config["decoder"],
             history=config.get("history"),
@@ -232,6 +233,18 @@ class PixNet:
         if model.model_id != config.get("model_id"):
             fail(f"model {str(path)!r}", "weights do not match the recorded model_id", "The files were altered; re-save")
         return model
+
+
+def legacy_encoder_config(config: dict) -> dict:
+    """The encoder config of a saved model, with what format version 1 left implicit made explicit: the
+    bundled EfficientNet-Lite0 then ran with timm's symmetric padding, not the "SAME" padding it has now."""
+    from ..nn._encoders import LEGACY_PADDING
+
+    encoder_config = dict(config["encoder"])
+    if int(config.get("format_version", 1)) < 2:
+        for key, value in LEGACY_PADDING.get(encoder_config.get("name"), {}).items():
+            encoder_config.setdefault(key, value)
+    return encoder_config
 
 
 def trainable_encoder_keys(module) -> list[str]:
