@@ -561,16 +561,25 @@ def render(result: dict) -> str:
         lines += [f"- `{r['command']}`: {r['started']} to {r.get('finished', '(stopped early)')}; {r['machine']}"
                   for r in result["runs"]]
         lines.append("")
+    # rows made under other conditions than the rest of their table: {method: explanation}, per dataset
+    marks = result.get("marks", {})
     for ds, block in result["datasets"].items():
         methods = block["methods"]
         n = len(block["folds"])
+        mark = marks.get(ds, {})
+        label = {m: f"{m} *" if m in mark else m for m in methods}
         lines += [f"## {ds}: leave one section out ({n} fold{'s' if n > 1 else ''}), mean over folds", "",
                   "| method | PCC@F | PCC@S | PCC@M | MSE | MAE | time per fold (s) | peak RSS (GB) |",
                   "|---|---|---|---|---|---|---|---|"]
         for m in methods:
             a = block["mean"][m]
-            lines.append(f"| {m} | " + " | ".join(_fmt(a[k]) for k in ("PCC@F", "PCC@S", "PCC@M", "MSE", "MAE"))
+            lines.append(f"| {label[m]} | " + " | ".join(_fmt(a[k]) for k in ("PCC@F", "PCC@S", "PCC@M", "MSE", "MAE"))
                          + f" | {_fmt(a['time_s'], 0)} | {_fmt(a['peak_rss_gb'], 2)} |")
+        by_reason: dict[str, list[str]] = {}
+        for m, why in mark.items():
+            by_reason.setdefault(why, []).append(f"`{m}`")
+        if by_reason:
+            lines += ["", "\\* " + "; ".join(f"{', '.join(ms)}: {why}" for why, ms in by_reason.items())]
         lines += ["", "Per fold (PCC@M / PCC@S):", "",
                   "| method | " + " | ".join(f"test {f['test']}" for f in block["folds"]) + " |",
                   "|---|" + "---|" * len(block["folds"])]
@@ -579,7 +588,7 @@ def render(result: dict) -> str:
             for f in block["folds"]:
                 r = f["methods"].get(m, {})
                 cells.append(f"{_fmt(r.get('PCC@M'))} / {_fmt(r.get('PCC@S'))}")
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label[m]} | " + " | ".join(cells) + " |")
         lines += ["", "Fold wall time (s): " + ", ".join(f"{f['test']} {f['fold_s']:.0f}" for f in block["folds"]),
                   "", "Methods run in a fresh process for their fold (the others shared one process with the "
                       "earlier folds of their run): " + "; ".join(
@@ -685,6 +694,8 @@ def main() -> None:
         if block is None:
             block = result["datasets"][ds] = {"methods": [], "folds": []}
         block["methods"] = [m for m in METHODS if m in set(block["methods"]) | set(args.methods)]
+        for m in args.methods:  # a rerun row is made under this run's conditions
+            result.get("marks", {}).get(ds, {}).pop(m, None)
         for t in tests:
             fold = run_fold_apart(ds, t, args.methods, args.seed)
             old = next((f for f in block["folds"] if f["test"] == t), None)

@@ -154,18 +154,25 @@ def probe_texture(height: int, width: int, seed: int = 0) -> np.ndarray:
 def edge_error_profile(model: Any, *, max_halo_px: int = MAX_HALO_PX) -> np.ndarray:
     """Error a tile edge leaves at each distance: ``profile[k]`` at ``k * out_stride`` encoder px from it.
 
-    A textured strip is predicted whole and with its first ``max_halo_px`` columns cut off (the cut on a
-    multiple of ``model.alignment``); the largest difference over all outputs, rows and columns at distance
-    ``>= k * out_stride`` from the cut, relative to the largest intensity, is ``profile[k]`` (non-increasing).
+    A textured strip is predicted whole, with its first ``max_halo_px`` columns cut off and with its last
+    ``max_halo_px`` columns cut off (the cuts on multiples of ``model.alignment``); the largest difference over
+    all outputs, rows, both cuts and columns at distance ``>= k * out_stride`` from the cut, relative to the
+    largest intensity, is ``profile[k]`` (non-increasing). Both sides count: an encoder with TensorFlow "SAME"
+    padding pads its strided convolutions more after the image than before it, so a tile's right and bottom
+    edges reach further in than its left and top ones.
     """
     a, s = int(model.alignment), int(model.out_stride)
     margin = int(np.ceil(max_halo_px / a)) * a
     height = int(np.ceil(max(256, 2 * a) / a)) * a
     crop_width = margin + 2 * a
     strip = probe_texture(height, margin + crop_width)
-    whole = model.predict_intensity(strip)[:, :, margin // s :]
-    cut = model.predict_intensity(strip[:, :, margin:])
-    per_column = np.abs(whole - cut).max(axis=(0, 1)) / max(float(np.abs(whole).max()), 1e-30)
+    whole = model.predict_intensity(strip)
+    n = crop_width // s
+    after_left_cut = model.predict_intensity(strip[:, :, margin:])  # column k: k * s px right of the cut
+    before_right_cut = model.predict_intensity(strip[:, :, :crop_width])  # column n - 1 - k: k * s px left of it
+    left = np.abs(whole[:, :, -n:] - after_left_cut).max(axis=(0, 1))
+    right = np.abs(whole[:, :, :n] - before_right_cut).max(axis=(0, 1))[::-1]
+    per_column = np.maximum(left, right) / max(float(np.abs(whole).max()), 1e-30)
     return np.maximum.accumulate(per_column[::-1])[::-1]
 
 
