@@ -150,7 +150,7 @@ def _tf_same_padding() -> dict:
     With timm's default symmetric padding these weights place each level's effective receptive field (the
     input gradient's centroid of a feature) up-left of the cell it is stored in: about 2, 6, 11 and 30 px at
     strides 4, 8, 16 and 32, so the levels the decoder fuses disagree about where things are. With "SAME"
-    padding the centroids sit within about 1 px of their cells at strides 4-16 (4 px at stride 32).
+    padding the centroids sit within about 1.5 px of their cells at strides 4-16 (about 6 px at stride 32).
     """
     return {"pad_type": "same"}
 
@@ -472,10 +472,10 @@ def build_encoder(
     weights
         ``"default"``: the bundled weights for ``efficientnet_lite0`` (built with the TensorFlow "SAME"
         padding they were trained with, ``pad_type="same"``, unless ``pad_type`` is passed), otherwise the
-        Hugging Face hub (the local hub cache first; the network only when reachable). A path: a local ``.safetensors``, or a
-        ``.pth``/``.pt``/``.bin``/``.ckpt`` tensor checkpoint (never unpickled beyond tensors), or a folder
-        holding ``model.safetensors`` or ``pytorch_model.bin``; loaded strictly after stripping wrapper
-        prefixes (``module.``, ``model.``, ``encoder.``, ...) and ignoring classifier heads.
+        Hugging Face hub (the local hub cache first; the network only when reachable). A path: a local
+        ``.safetensors``, or a ``.pth``/``.pt``/``.bin``/``.ckpt`` tensor checkpoint (never unpickled beyond
+        tensors), or a folder holding ``model.safetensors`` or ``pytorch_model.bin``; loaded strictly after
+        stripping wrapper prefixes (``module.``, ``model.``, ``encoder.``, ...) and ignoring classifier heads.
         ``None``: random initialisation (logged as a warning).
     um_per_px
         Microns per pixel the image is resampled to before encoding (default: the registry's, 1.0 for
