@@ -249,11 +249,8 @@ def fit(
 
     torch.manual_seed(random_state)
     rng = np.random.default_rng(random_state)
-    decoder_config = {"width": width, "out_stride": out_stride, "block": decoder}
-    if smooth_windows:
-        decoder_config["smooth"] = True
-    if attention_window != 8:
-        decoder_config["window"] = int(attention_window)
+    decoder_config = {"width": width, "out_stride": out_stride, "block": decoder, "window": attention_window,
+                      "smooth": smooth_windows}
     if standardize:
         # True: the training tiles' statistics; "slide": each slide's own (recomputed on every predicted slide)
         decoder_config["standardize"] = True if standardize == "training" else "slide"
