@@ -380,6 +380,7 @@ def fit_pixgene(train_sdatas: list, test: Spots, *, genes: list[str], seed: int,
     total = table.obs["pixgene_total_counts"].to_numpy()[order]
     del test.sdata.images[dense_key], test.sdata.tables[table_key]
     info = {k: model.training[k] for k in ("best_epoch", "best_val_loss", "epochs_run", "n_tiles")}
+    info["precision"] = model.decoder_config["precision"]
     info["model_id"] = model.model_id  # a hash of the fitted weights: equal ids, equal models
     info.update(fit_s=round(fit_s, 1), predict_and_aggregate_s=round(time.perf_counter() - t0 - fit_s, 1))
     return log_normalize_np(X.astype(np.float64), total).astype(np.float32), info
@@ -665,8 +666,11 @@ def main() -> None:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from pixgene.nn._pixnet import resolve_precision
+
+    precision = {"bf16": "bfloat16 autocast", "32": "float32"}[resolve_precision("auto")]
     machine = (f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-               f"load average at start {os.getloadavg()[0]:.2f}")
+               f"pixgene computes in {precision}, load average at start {os.getloadavg()[0]:.2f}")
     run = {"command": " ".join(["python benchmarks/accuracy.py", *sys.argv[1:]]),
            "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine}
     if args.merge and (out / f"{name}.json").exists():

@@ -629,3 +629,60 @@ def test_vit_fit_on_token_grids_matches_a_fit_on_the_cached_pyramid(synthetic_sm
     a, b = on_grids.predict_intensity(tiles), on_pyramid.predict_intensity(tiles)
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999
     np.testing.assert_allclose(a, b, rtol=0.05, atol=1e-3 * float(np.abs(b).max()))
+
+
+def _lite0_module(precision: str):
+    from pixgene.nn._encoders import build_encoder
+    from pixgene.nn._pixnet import PixNetModule
+
+    torch.manual_seed(0)
+    return PixNetModule(build_encoder("efficientnet_lite0"), 4, width=16, precision=precision).eval()
+
+
+def test_bf16_module_runs_encoder_and_decoder_under_bfloat16_autocast_and_returns_float32():
+    fp32, bf16 = _lite0_module("32"), _lite0_module("bf16")
+    bf16.load_state_dict(fp32.state_dict())
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = fp32.encode(x)
+        got = bf16.encode(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            manual = [f.float() for f in bf16.encoder(x)]
+        for a, b, m in zip(ref, got, manual, strict=True):
+            assert a.dtype == b.dtype == torch.float32
+            assert torch.equal(b, m)  # the module's encode is exactly the encoder under autocast
+            rel = float((a - b).norm() / a.norm())
+            assert 1e-4 < rel < 0.08  # bfloat16 keeps 8 significant bits: close, not equal
+        lam32, lam16 = fp32.decode(ref), bf16.decode(ref)
+        assert lam16.dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            manual = bf16.head(bf16.decoder(ref))
+        assert torch.equal(lam16, manual)
+        assert 1e-4 < float((lam32 - lam16).norm() / lam32.norm()) < 0.05
+
+
+def test_precision_is_recorded_saved_and_validated(synthetic_small, tmp_path, monkeypatch):
+    import pixgene as pg
+    from conftest import FIT_GENES
+    from pixgene.nn import _pixnet
+    from pixgene.tl import PixNet
+
+    with pytest.raises(PixgeneInputError, match="precision"):
+        pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], precision="fp16", progress=False)
+    kwargs = dict(genes=FIT_GENES[:2], max_epochs=1, n_views=1, width=16, progress=False)
+    model = pg.tl.fit(synthetic_small, precision="bf16", **kwargs)
+    assert model.decoder_config["precision"] == model.module.precision == "bf16"
+    model.save(tmp_path / "m")
+    loaded = PixNet.load(tmp_path / "m")
+    assert loaded.module.precision == "bf16"
+    tile = np.random.default_rng(1).random((3, 128, 128)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.predict_intensity(tile), model.predict_intensity(tile))
+    # configs written before precision was recorded computed in float32
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    del config["decoder"]["precision"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert PixNet.load(tmp_path / "m").module.precision == "32"
+    # "auto" follows whether the device computes bfloat16 natively
+    for fast, want in ((False, "32"), (True, "bf16")):
+        monkeypatch.setattr(_pixnet, "bf16_is_fast", lambda device="cpu", fast=fast: fast)
+        assert pg.tl.fit(synthetic_small, precision="auto", **kwargs).module.precision == want

@@ -286,5 +286,5 @@ class IntensityHead(nn.Module):
         self.log_scale.copy_(torch.log(mean_intensity.clamp_min(1e-12) / F.softplus(torch.tensor(0.0))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.out(F.silu(self.hidden(x)))
+        z = self.out(F.silu(self.hidden(x))).float()  # float32 from here under bfloat16 autocast
         return F.softplus(z) * self.log_scale.exp()[None, :, None, None]

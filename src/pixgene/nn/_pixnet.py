@@ -2,10 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from ._decoder import Decoder, IntensityHead
+
+#: ``precision`` values: float32 throughout, or bfloat16 autocast (convolutions and matrix products in bfloat16,
+#: reductions, normalisation and the loss in float32)
+PRECISIONS = ("32", "bf16")
+
+
+def bf16_is_fast(device: str = "cpu") -> bool:
+    """Whether ``device`` runs bfloat16 convolutions and matrix products natively (CPUs with AVX512-BF16 or
+    AMX; CUDA GPUs from Ampere on); elsewhere bfloat16 is emulated and slower than float32."""
+    if device.startswith("cuda"):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: str = "cpu") -> str:
+    """``"auto"`` -> ``"bf16"`` where :func:`bf16_is_fast` holds for ``device``, else ``"32"``."""
+    if precision == "auto":
+        return "bf16" if bf16_is_fast(device) else "32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of 'auto', {', '.join(map(repr, PRECISIONS))}")
+    return precision
+
+
+def autocast(precision: str, device_type: str):
+    """The autocast context of ``precision`` on ``device_type`` (a no-op for ``"32"``)."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
 class PixNetModule(nn.Module):
@@ -23,8 +56,10 @@ class PixNetModule(nn.Module):
         window: int = 8,
         standardize: bool = False,
         smooth: bool = False,
+        precision: str = "32",
     ) -> None:
         super().__init__()
+        self.precision = resolve_precision(precision)
         self.encoder = encoder
         self.decoder = Decoder(
             list(encoder.channels), list(encoder.reductions), width=width, out_stride=out_stride, block=block,
@@ -42,16 +77,28 @@ class PixNetModule(nn.Module):
     def used_levels(self) -> list[int]:
         return list(self.decoder.levels)
 
+    def autocast(self, device_type: str):
+        """The autocast context this module computes in (``precision``) on ``device_type``."""
+        return autocast(self.precision, device_type)
+
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.encoder(x))
+        """The encoder's pyramid, float32 whatever the precision it was computed in."""
+        with self.autocast(x.device.type):
+            out = list(self.encoder(x))
+        return [f if f is None else f.float() for f in out]
 
     def encode_compact(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The encoder's compact form of :meth:`encode` (see ``Encoder.compact``): what training caches."""
-        return list(self.encoder.compact(x))
+        with self.autocast(x.device.type):
+            out = list(self.encoder.compact(x))
+        return [f if f is None else f.float() for f in out]
 
     def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Features as returned by :meth:`encode` (levels not in ``used_levels`` may be ``None``)."""
-        return self.head(self.decoder(features))
+        """Features as returned by :meth:`encode` (levels not in ``used_levels`` may be ``None``); float32."""
+        device_type = next(f for f in features if f is not None).device.type
+        with self.autocast(device_type):
+            out = self.head(self.decoder(features))
+        return out.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))

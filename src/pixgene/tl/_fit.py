@@ -115,6 +115,7 @@ def fit(
     lr: float = 2e-3,
     weight_decay: float = 1e-4,
     ema_decay: float = 0.0,
+    precision: str = "auto",
     random_state: int = 0,
     progress: bool = True,
 ):
@@ -189,8 +190,16 @@ def fit(
         it did not help on both real datasets: trained on one section and scored on another training section,
         0.99 raised PCC@M on st_mob (MOB2 -> MOB3) from 0.376 to 0.394 but lowered it on her2st (C2 + C3 -> C4)
         from 0.190 to 0.175, where the best epoch comes early and the average lags behind.
+    precision
+        ``"bf16"``: encoder and decoder compute in bfloat16 autocast (convolutions and matrix products in
+        bfloat16; standardisation, the intensity head's output and the losses in float32), in training and in
+        every prediction with the model (recorded in its decoder config); ``"32"``: float32 throughout;
+        ``"auto"`` (default): ``"bf16"`` where the device computes bfloat16 natively (CPUs with AVX512-BF16 or
+        AMX, CUDA GPUs from Ampere on), else ``"32"``. On a 2-core AVX512-BF16 CPU bfloat16 encodes about
+        twice as fast and trains the decoder about 1.4 times as fast.
     random_state
-        Seed for spot split, views and weights: the same seed gives the same model.
+        Seed for spot split, views and weights: the same seed gives the same model (on the same kind of
+        device and precision).
 
     Returns
     -------
@@ -233,6 +242,9 @@ def fit(
     if isinstance(ema_decay, bool) or not isinstance(ema_decay, int | float) or not 0 <= ema_decay < 1:
         fail("ema_decay", f"{ema_decay!r} is not in [0, 1)", "Pass e.g. 0.99, or 0 for the raw weights")
     ema_decay = float(ema_decay)
+    if precision not in ("auto", "bf16", "32"):
+        fail("precision", f"{precision!r} is not 'auto', 'bf16' or '32'",
+             "Pass 'auto' (bfloat16 where the device runs it natively), 'bf16' or '32'")
     if not 0 < val_fraction < 1:
         fail("val_fraction", f"{val_fraction} is not between 0 and 1", "Pass e.g. 0.1")
     weights = {"count": 1.0, "total": 0.0, "mse": 1.0, "pearson": 0.5, **(loss_weights or {})}
@@ -247,10 +259,13 @@ def fit(
 
     import torch
 
+    from ..nn._pixnet import resolve_precision
+
     torch.manual_seed(random_state)
     rng = np.random.default_rng(random_state)
+    work_device = "cuda" if torch.cuda.is_available() else "cpu"
     decoder_config = {"width": width, "out_stride": out_stride, "block": decoder, "window": attention_window,
-                      "smooth": smooth_windows}
+                      "smooth": smooth_windows, "precision": resolve_precision(precision, work_device)}
     if standardize:
         # True: the training tiles' statistics; "slide": each slide's own (recomputed on every predicted slide)
         decoder_config["standardize"] = True if standardize == "training" else "slide"
@@ -258,7 +273,8 @@ def fit(
 
     enc = build_encoder(encoder, weights=encoder_weights)
     enc.um_per_px = working_um_per_px(enc.um_per_px, [s.um_per_px for s in slides], encoder_um_per_px)
-    logger.info("the encoder reads the images at %.3g um/px", enc.um_per_px)
+    logger.info("the encoder reads the images at %.3g um/px; computing in %s", enc.um_per_px,
+                "bfloat16 autocast" if decoder_config["precision"] == "bf16" else "float32")
     module = build_module(
         enc.config(), encoder_weights, n_outputs=len(genes) + 1, decoder_config=decoder_config, encoder=enc
     )
@@ -294,7 +310,6 @@ def fit(
     if tile % align:
         fail("tile_px", f"{tile} is not a multiple of the encoder's stride {align}", f"Pass a multiple of {align}")
 
-    work_device = "cuda" if torch.cuda.is_available() else "cpu"
     module.to(work_device)
     cache = build_cache(
         train_slides, module, tile=tile, margin=margin, n_views=n_views, stain_strength=stain_jitter, rng=rng,

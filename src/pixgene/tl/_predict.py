@@ -10,7 +10,9 @@ The halo is measured once per model (:func:`tiling_halo`): the same textured str
 cropped, and the difference as a function of the distance to the crop's edge is the error a tile edge leaves
 behind at that distance. The halo is the first multiple of ``model.alignment`` where that error is well
 under :data:`TILING_TOLERANCE` (1e-4 of the map's maximum). For EfficientNet-Lite0 with the fusion decoder
-the error is about 2e-2 at 128 px, 1e-4 at 384 px and 5e-6 at 512 px, so the halo is 512 px.
+the error is about 2e-2 at 128 px, 1e-4 at 384 px and 5e-6 at 512 px, so the halo is 512 px. A model that
+computes in bfloat16 (``pg.tl.fit(precision=...)``) is probed in float32: how far an edge reaches is a
+property of the receptive field, and bfloat16's own rounding (about 1e-2 of a value) would hide it.
 
 Cropping is the cheapest scheme that meets the tolerance. Blending overlapping tiles with a taper (cellpose)
 averages each pixel over the tiles that cover it, weighted by its distance to their edges, so the error is a
@@ -32,6 +34,7 @@ lazily, and the partial directory is removed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -151,6 +154,19 @@ def probe_texture(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
+@contextlib.contextmanager
+def _in_float32(model: Any):
+    """The model computes in float32 inside (a bfloat16 model's rounding, about 1e-2 relative, would hide how
+    far a tile edge reaches: that is a property of the architecture's receptive field, not of the precision)."""
+    module = model.module
+    precision = module.precision
+    module.precision = "32"
+    try:
+        yield
+    finally:
+        module.precision = precision
+
+
 def edge_error_profile(model: Any, *, max_halo_px: int = MAX_HALO_PX) -> np.ndarray:
     """Error a tile edge leaves at each distance: ``profile[k]`` at ``k * out_stride`` encoder px from it.
 
@@ -159,17 +175,18 @@ def edge_error_profile(model: Any, *, max_halo_px: int = MAX_HALO_PX) -> np.ndar
     all outputs, rows, both cuts and columns at distance ``>= k * out_stride`` from the cut, relative to the
     largest intensity, is ``profile[k]`` (non-increasing). Both sides count: an encoder with TensorFlow "SAME"
     padding pads its strided convolutions more after the image than before it, so a tile's right and bottom
-    edges reach further in than its left and top ones.
+    edges reach further in than its left and top ones. Measured in float32 whatever the model's precision.
     """
     a, s = int(model.alignment), int(model.out_stride)
     margin = int(np.ceil(max_halo_px / a)) * a
     height = int(np.ceil(max(256, 2 * a) / a)) * a
     crop_width = margin + 2 * a
     strip = probe_texture(height, margin + crop_width)
-    whole = model.predict_intensity(strip)
+    with _in_float32(model):
+        whole = model.predict_intensity(strip)
+        after_left_cut = model.predict_intensity(strip[:, :, margin:])  # column k: k * s px right of the cut
+        before_right_cut = model.predict_intensity(strip[:, :, :crop_width])  # column n-1-k: k * s px left of it
     n = crop_width // s
-    after_left_cut = model.predict_intensity(strip[:, :, margin:])  # column k: k * s px right of the cut
-    before_right_cut = model.predict_intensity(strip[:, :, :crop_width])  # column n - 1 - k: k * s px left of it
     left = np.abs(whole[:, :, -n:] - after_left_cut).max(axis=(0, 1))
     right = np.abs(whole[:, :, :n] - before_right_cut).max(axis=(0, 1))[::-1]
     per_column = np.maximum(left, right) / max(float(np.abs(whole).max()), 1e-30)

@@ -20,6 +20,7 @@ import lightning as L  # noqa: E402
 from ..data._augment import dihedral_inverse  # noqa: E402
 from ..data._training import TrainingCache  # noqa: E402
 from ..nn._losses import log_normalize, negative_binomial_nll, pearson_loss, poisson_nll  # noqa: E402
+from ..nn._pixnet import autocast  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def batch_features(batch: dict, cache: TrainingCache, encoder=None, device=None)
     from their compact form where the cache holds that."""
     if encoder is not None:
         images = batch["images"] if device is None else batch["images"].to(device)
-        return list(encoder(images))
+        return [f if f is None else f.float() for f in encoder(images)]  # as PixNetModule.encode gives them
     levels = cache.levels
     feats: list = [None] * (max(levels) + 1)
     for f, i in zip(batch["features"], levels, strict=True):
@@ -139,7 +140,8 @@ def calibrate_scale(module, cache: TrainingCache, *, batch_size: int = 8) -> flo
         for start in range(0, cache.n_tiles, batch_size):
             batch = collate([(t, 0) for t in range(start, min(start + batch_size, cache.n_tiles))])
             encoder = module.encoder if batch["images"] is not None else None
-            feats = batch_features(batch, cache, encoder, device)
+            with module.autocast(device.type):
+                feats = batch_features(batch, cache, encoder, device)
             # the batch's spot operator stays on the CPU
             pred = integrate_spots(module.decode(feats).cpu(), batch)
             mask = batch["train_mask"]
@@ -162,6 +164,7 @@ class PixNetTrainingPlan(L.LightningModule):
         self.cache = cache  # a plain attribute: its levels, and how to expand compact entries
         # fine-tuning: the encoder runs in every step on cached pixels (its frozen parts need no gradient)
         self.encoder = module.encoder if cache.images is not None else None
+        self.precision = module.precision
         self.loss_weights = loss
         self.lr, self.weight_decay = lr, weight_decay
         n_out = module.head.out.out_channels
@@ -188,7 +191,9 @@ class PixNetTrainingPlan(L.LightningModule):
         return batch_features(batch, self.cache, self.encoder)
 
     def _loss(self, batch, *, train: bool):
-        lam = self.head(self.decoder(self._features(batch)))
+        with autocast(self.precision, self.device.type):
+            lam = self.head(self.decoder(self._features(batch)))
+        lam = lam.float()
         lam = torch.stack([dihedral_inverse(lam[i], d) for i, d in enumerate(batch["dihedral"])])
         pred = integrate_spots(lam, batch)
         mask = batch["train_mask"] if train else ~batch["train_mask"]
