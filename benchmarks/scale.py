@@ -38,7 +38,7 @@ RESULTS = Path(__file__).parent / "results"
 SLIDE_UM = 0.5  # microns per slide pixel (a 20x scan)
 N_GENES = 50
 SECTIONS = ("tiling", "slides", "chunks", "versus", "readout")
-DECODER = {"width": 48, "out_stride": 4, "block": "fusion"}  # pg.tl.fit's defaults
+DECODER = {"width": 48, "out_stride": 4, "block": "fusion"}  # pg.tl.fit's default architecture, in float32
 #: tissue islands: (centre x, centre y, radius x, radius y) as fractions of the slide's side
 ISLANDS = [(0.33, 0.4, 0.17, 0.21), (0.7, 0.68, 0.14, 0.16), (0.74, 0.24, 0.09, 0.07)]
 

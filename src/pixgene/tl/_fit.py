@@ -195,8 +195,8 @@ def fit(
         bfloat16; standardisation, the intensity head's output and the losses in float32), in training and in
         every prediction with the model (recorded in its decoder config); ``"32"``: float32 throughout;
         ``"auto"`` (default): ``"bf16"`` where the device computes bfloat16 natively (CPUs with AVX512-BF16 or
-        AMX, CUDA GPUs from Ampere on), else ``"32"``. On a 2-core AVX512-BF16 CPU bfloat16 encodes about
-        twice as fast and trains the decoder about 1.4 times as fast.
+        AMX, CUDA GPUs from Ampere on), else ``"32"``. On a 2-core AVX512-BF16 CPU bfloat16 encodes 2.3x and
+        trains the decoder 1.6x as fast (``benchmarks/precision.py``).
     random_state
         Seed for spot split, views and weights: the same seed gives the same model (on the same kind of
         device and precision).
