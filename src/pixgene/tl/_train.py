@@ -20,7 +20,6 @@ import lightning as L  # noqa: E402
 from ..data._augment import dihedral_inverse  # noqa: E402
 from ..data._training import TrainingCache  # noqa: E402
 from ..nn._losses import log_normalize, negative_binomial_nll, pearson_loss, poisson_nll  # noqa: E402
-from ..nn._pixnet import autocast  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +163,9 @@ class PixNetTrainingPlan(L.LightningModule):
         self.cache = cache  # a plain attribute: its levels, and how to expand compact entries
         # fine-tuning: the encoder runs in every step on cached pixels (its frozen parts need no gradient)
         self.encoder = module.encoder if cache.images is not None else None
-        self.precision = module.precision
+        # bound methods, not the module: the frozen encoder stays unregistered; decode computes in the model's
+        # precision, autocast wraps the fine-tuned encoder in it as well
+        self._decode, self._autocast = module.decode, module.autocast
         self.loss_weights = loss
         self.lr, self.weight_decay = lr, weight_decay
         n_out = module.head.out.out_channels
@@ -191,9 +192,9 @@ class PixNetTrainingPlan(L.LightningModule):
         return batch_features(batch, self.cache, self.encoder)
 
     def _loss(self, batch, *, train: bool):
-        with autocast(self.precision, self.device.type):
-            lam = self.head(self.decoder(self._features(batch)))
-        lam = lam.float()
+        with self._autocast(self.device.type):
+            feats = self._features(batch)
+        lam = self._decode(feats)  # as calibrate_scale and prediction compute it
         lam = torch.stack([dihedral_inverse(lam[i], d) for i, d in enumerate(batch["dihedral"])])
         pred = integrate_spots(lam, batch)
         mask = batch["train_mask"] if train else ~batch["train_mask"]
