@@ -16,13 +16,15 @@ patch and superpixel sizes are in encoder pixels, so the um below hold at 1 um/p
               augmentation; the last two encoder levels are trained, which keeps a fold within CPU minutes)
     istar     iStar style: an MLP on 8 um superpixel features (every pyramid level pooled or upsampled to
               8 um), the mean over the superpixels inside each spot fitted to the spot (MSE)
-    pixgene   ``pg.tl.fit`` with its defaults, ``predict_dense`` over the whole held-out section, ``aggregate``
-              over its spots
-    ablations pixgene with the plain conv decoder (``pixgene_conv``), with the MSE term only
-              (``pixgene_mse``), without stain augmentation (``pixgene_nostain``), on the encoder's raw
-              features instead of standardised ones (``pixgene_raw``), standardised with the training tiles'
-              statistics instead of each slide's own (``pixgene_pooled``)
-    variants  pixgene with attention over four half-window-shifted grids of 4 x 4 windows, blended
+    pixgene   ``pg.tl.fit`` with its defaults (three decoders on the same features, averaged),
+              ``predict_dense`` over the whole held-out section, ``aggregate`` over its spots
+    ablations pixgene with one decoder (``pixgene_single``: ``n_members=1``), and, each against
+              ``pixgene_single`` (one decoder, one setting changed): the plain conv decoder
+              (``pixgene_conv``), the MSE term only (``pixgene_mse``), no stain augmentation
+              (``pixgene_nostain``), the encoder's raw features instead of standardised ones
+              (``pixgene_raw``), standardised with the training tiles' statistics instead of each slide's
+              own (``pixgene_pooled``)
+    variants  one decoder attending over four half-window-shifted grids of 4 x 4 windows, blended
               (``pixgene_smooth``: ``smooth_windows=True, attention_window=4``; no window lattice in the map,
               about the default's attention compute)
 
@@ -60,14 +62,17 @@ log = logging.getLogger("accuracy")
 RESULTS = Path(__file__).parent / "results"
 FOLDS = {"her2st": ("C2", "C3", "C4", "C5"), "st_mob": ("MOB1", "MOB2", "MOB3")}
 BASELINES = ("mean", "ridge", "stnet", "istar")
+# the ablations and variants change one setting of a single-member pixgene: compare them with pixgene_single
+SINGLE = {"n_members": 1}
 PIXGENE = {
     "pixgene": {},
-    "pixgene_pooled": {"standardize_features": "training"},
-    "pixgene_raw": {"standardize_features": False},
-    "pixgene_conv": {"decoder": "conv"},
-    "pixgene_mse": {"loss_weights": {"count": 0.0, "mse": 1.0, "pearson": 0.0}},
-    "pixgene_nostain": {"stain_jitter": 0.0},
-    "pixgene_smooth": {"smooth_windows": True, "attention_window": 4},
+    "pixgene_single": SINGLE,
+    "pixgene_pooled": {**SINGLE, "standardize_features": "training"},
+    "pixgene_raw": {**SINGLE, "standardize_features": False},
+    "pixgene_conv": {**SINGLE, "decoder": "conv"},
+    "pixgene_mse": {**SINGLE, "loss_weights": {"count": 0.0, "mse": 1.0, "pearson": 0.0}},
+    "pixgene_nostain": {**SINGLE, "stain_jitter": 0.0},
+    "pixgene_smooth": {**SINGLE, "smooth_windows": True, "attention_window": 4},
 }
 METHODS = (*BASELINES, *PIXGENE)
 PATCH_PX = 224  # HEST / ST-Net patch, encoder pixels
@@ -380,6 +385,11 @@ def fit_pixgene(train_sdatas: list, test: Spots, *, genes: list[str], seed: int,
     total = table.obs["pixgene_total_counts"].to_numpy()[order]
     del test.sdata.images[dense_key], test.sdata.tables[table_key]
     info = {k: model.training[k] for k in ("best_epoch", "best_val_loss", "epochs_run", "n_tiles")}
+    members = model.training.get("members", [])
+    if members:  # every member's (the top-level entries are the first member's)
+        info.update(n_members=len(members), best_epoch=[m["best_epoch"] for m in members],
+                    best_val_loss=[m["best_val_loss"] for m in members],
+                    epochs_run=[m["epochs_run"] for m in members])
     info["precision"] = model.decoder_config["precision"]
     info["model_id"] = model.model_id  # a hash of the fitted weights: equal ids, equal models
     info.update(fit_s=round(fit_s, 1), predict_and_aggregate_s=round(time.perf_counter() - t0 - fit_s, 1))
@@ -544,6 +554,18 @@ def _fmt(v, digits: int = 3) -> str:
     return str(v)
 
 
+def _members(fits: list) -> bool:
+    return any(isinstance(i["best_epoch"], list) for _, i in fits)
+
+
+def _epochs(info: dict) -> str:
+    """``best / run`` of a fit, one pair per member for an ensemble."""
+    best, run = info["best_epoch"], info["epochs_run"]
+    if isinstance(best, list):
+        return ", ".join(f"{b} / {r}" for b, r in zip(best, run, strict=True))
+    return f"{best} / {run}"
+
+
 def render(result: dict) -> str:
     if result.get("runs"):
         where = f"Seed {result['seed']}. "  # machine and times: per run, listed below
@@ -601,8 +623,8 @@ def render(result: dict) -> str:
             fits = [(f["test"], f["methods"][m]["training"]) for f in block["folds"]
                     if m in f["methods"] and "fit_s" in f["methods"][m].get("training", {})]
             if fits:
-                lines += [f"{m} fit alone, s (best epoch / epochs run): " + ", ".join(
-                    f"{t} {i['fit_s']:.0f} ({i['best_epoch']} / {i['epochs_run']})" for t, i in fits), ""]
+                lines += [f"{m} fit alone, s (best epoch / epochs run{', per member' if _members(fits) else ''}): "
+                          + ", ".join(f"{t} {i['fit_s']:.0f} ({_epochs(i)})" for t, i in fits), ""]
     if result.get("notes"):
         lines += [result["notes"], ""]
     if result.get("cross_scale"):

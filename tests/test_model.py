@@ -686,3 +686,83 @@ def test_precision_is_recorded_saved_and_validated(synthetic_small, tmp_path, mo
     for fast, want in ((False, "32"), (True, "bf16")):
         monkeypatch.setattr(_pixnet, "bf16_is_fast", lambda device="cpu", fast=fast: fast)
         assert pg.tl.fit(synthetic_small, precision="auto", **kwargs).module.precision == want
+
+
+def test_members_module_decodes_the_mean_of_its_members_and_one_member_keeps_the_single_layout():
+    from pixgene.nn._encoders import build_encoder
+    from pixgene.nn._pixnet import PixNetModule
+
+    enc = build_encoder("efficientnet_lite0")
+    torch.manual_seed(0)
+    single = PixNetModule(enc, 4, width=16).eval()
+    torch.manual_seed(0)
+    trio = PixNetModule(enc, 4, width=16, members=3).eval()
+    # one member: the parameters (and state-dict keys) a model has always had; the first member of an
+    # ensemble is built first from the same seed
+    assert not any(k.startswith("members.") for k in single.state_dict())
+    trio_first = {k: v for k, v in trio.state_dict().items() if not k.startswith("members.")}
+    assert trio_first.keys() == single.state_dict().keys()
+    assert all(torch.equal(v, single.state_dict()[k]) for k, v in trio_first.items())
+    assert trio.n_members == 3 and len(trio.pairs()) == 3
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        feats = trio.encode(x)
+        each = [head(dec(feats)) for dec, head in trio.pairs()]
+        assert not torch.allclose(each[0], each[1])  # members start from different weights
+        torch.testing.assert_close(trio.decode(feats), (each[0] + each[1] + each[2]) / 3)
+        torch.testing.assert_close(trio.member(1).decode(feats), each[1])
+        assert torch.equal(trio.member(0).decode(feats), single.decode(feats))
+    # a member view trains the member itself, not a copy
+    assert trio.member(2).decoder is trio.members[1].decoder
+    with pytest.raises(ValueError, match="members"):
+        PixNetModule(enc, 4, width=16, members=0)
+
+
+def test_fit_trains_members_apart_and_predicts_their_mean(synthetic_small, tmp_path):
+    import pixgene as pg
+    from conftest import FIT_GENES
+    from pixgene.tl import PixNet
+
+    kwargs = dict(genes=FIT_GENES[:3], max_epochs=2, n_views=1, width=16, progress=False, random_state=5)
+    single = pg.tl.fit(synthetic_small, n_members=1, **kwargs)
+    pair = pg.tl.fit(synthetic_small, n_members=2, **kwargs)
+    assert pair.decoder_config["members"] == 2 and single.decoder_config["members"] == 1
+    assert pair.training["params"]["n_members"] == 2
+    members = pair.training["members"]
+    assert len(members) == 2 and members[0]["best_val_loss"] == pair.training["best_val_loss"]
+    assert {h["member"] for h in pair.history} == {0, 1}
+    # the first member is the single model fit makes with the same seed, to the bit
+    first = {k: v for k, v in pair.module.state_dict().items() if not k.startswith("members.")}
+    assert all(torch.equal(v, single.module.state_dict()[k]) for k, v in first.items())
+    assert pair.history[: len(single.history)] == [{**h, "member": 0} for h in single.history]
+    # the second member trained on its own split and seed: other weights, another validation loss
+    assert members[1]["best_val_loss"] != members[0]["best_val_loss"]
+    tile = np.random.default_rng(2).random((3, 128, 128)).astype(np.float32)
+    with torch.inference_mode():
+        x = torch.from_numpy(tile[None])
+        each = [pair.module.member(k)(x).numpy()[0] for k in range(2)]
+    np.testing.assert_allclose(pair.predict_intensity(tile), (each[0] + each[1]) / 2, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(each[0], single.predict_intensity(tile), rtol=1e-5, atol=1e-7)
+    pair.save(tmp_path / "pair")
+    loaded = PixNet.load(tmp_path / "pair")
+    assert loaded.module.n_members == 2 and loaded.model_id == pair.model_id
+    np.testing.assert_array_equal(loaded.predict_intensity(tile), pair.predict_intensity(tile))
+    # slide statistics go to every member
+    means = {i: torch.full((c,), 0.5) for i, c in enumerate(pair.module.encoder.channels)}
+    stds = {i: torch.full((c,), 2.0) for i, c in enumerate(pair.module.encoder.channels)}
+    restated = pair.with_feature_stats(means, stds)
+    for dec, _ in restated.module.pairs():
+        for i in dec.levels:
+            assert torch.equal(getattr(dec, f"feature_mean_{i}"), means[i])
+    assert pair.module.members[0].decoder is not restated.module.members[0].decoder
+
+
+def test_n_members_is_validated_and_fine_tuning_trains_one(synthetic_small):
+    import pixgene as pg
+    from conftest import FIT_GENES
+
+    for bad in (0, 1.5, True):
+        with pytest.raises(PixgeneInputError, match="n_members"):
+            pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], n_members=bad, progress=False)
+    with pytest.raises(PixgeneInputError, match="n_members"):
+        pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], n_members=2, finetune_levels=1, progress=False)

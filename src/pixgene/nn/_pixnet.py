@@ -41,8 +41,22 @@ def autocast(precision: str, device_type: str):
     return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
+class Member(nn.Module):
+    """One further decoder and intensity head of an ensemble (:class:`PixNetModule` with ``members`` > 1)."""
+
+    def __init__(self, decoder: Decoder, head: IntensityHead) -> None:
+        super().__init__()
+        self.decoder, self.head = decoder, head
+
+
 class PixNetModule(nn.Module):
-    """Image (B, 3, H, W) in [0, 1] at the encoder's um/px -> intensity (B, n_outputs, H / s, W / s)."""
+    """Image (B, 3, H, W) in [0, 1] at the encoder's um/px -> intensity (B, n_outputs, H / s, W / s).
+
+    With ``members`` > 1 the encoder feeds several decoders with their own intensity heads (``decoder`` and
+    ``head`` are the first; ``members`` holds the others), trained apart on the same cached features, and the
+    intensity is their mean: expected counts average, so every read-out of the map is the mean of the
+    members' read-outs. The encoder, most of a prediction's cost at full size, runs once.
+    """
 
     def __init__(
         self,
@@ -57,16 +71,46 @@ class PixNetModule(nn.Module):
         standardize: bool = False,
         smooth: bool = False,
         precision: str = "32",
+        members: int = 1,
     ) -> None:
         super().__init__()
+        if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+            raise ValueError(f"members={members!r} is not a positive integer")
         self.precision = resolve_precision(precision)
         self.encoder = encoder
-        self.decoder = Decoder(
-            list(encoder.channels), list(encoder.reductions), width=width, out_stride=out_stride, block=block,
-            heads=heads, window=window, standardize=standardize, smooth=smooth,
-        )
+
+        def decoder() -> Decoder:
+            return Decoder(
+                list(encoder.channels), list(encoder.reductions), width=width, out_stride=out_stride, block=block,
+                heads=heads, window=window, standardize=standardize, smooth=smooth,
+            )
+
+        self.decoder = decoder()
         self.head = IntensityHead(width, n_outputs)
+        # a single model keeps exactly the parameters (and state-dict keys) it has always had
+        self.members = nn.ModuleList(Member(decoder(), IntensityHead(width, n_outputs)) for _ in range(members - 1))
         self.out_stride = out_stride
+
+    @property
+    def n_members(self) -> int:
+        return 1 + len(self.members)
+
+    def pairs(self) -> list[tuple[Decoder, IntensityHead]]:
+        """``(decoder, head)`` of every member, the first one first."""
+        return [(self.decoder, self.head)] + [(m.decoder, m.head) for m in self.members]
+
+    def member(self, k: int) -> PixNetModule:
+        """A view of member ``k`` as a single-member module: the same encoder, and member ``k``'s decoder and
+        head (not copies: training the view trains the member)."""
+        import copy
+
+        if k == 0 and not len(self.members):
+            return self
+        view = copy.copy(self)  # shallow: shares the encoder and the tensors
+        view._modules = dict(self._modules)
+        view.decoder, view.head = self.pairs()[k]
+        view.members = nn.ModuleList()
+        return view
 
     @property
     def alignment(self) -> int:
@@ -98,7 +142,9 @@ class PixNetModule(nn.Module):
         device_type = next(f for f in features if f is not None).device.type
         with self.autocast(device_type):
             out = self.head(self.decoder(features))
-        return out.float()
+            for m in self.members:
+                out = out + m.head(m.decoder(features))
+        return out.float() / self.n_members if len(self.members) else out.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))

@@ -127,7 +127,7 @@ class PixNet:
     def with_feature_stats(self, means: dict, stds: dict) -> PixNet:
         """A copy that standardises features with these statistics (a slide's own, for ``predict_dense``).
 
-        The encoder is shared, not copied; decoder and head are copied, so this model is left as it is.
+        The encoder is shared, not copied; decoders and heads are copied, so this model is left as it is.
         """
         import copy
 
@@ -135,7 +135,9 @@ class PixNet:
         module._modules = dict(self.module._modules)
         module.decoder = copy.deepcopy(self.module.decoder)
         module.head = copy.deepcopy(self.module.head)
-        module.decoder.set_feature_stats(means, stds)
+        module.members = copy.deepcopy(self.module.members)
+        for decoder, _ in module.pairs():
+            decoder.set_feature_stats(means, stds)
         return PixNet(module, genes=self.genes, encoder_config=self.encoder_config,
                       encoder_weights=self.encoder_weights, decoder_config=self.decoder_config,
                       history=self.history, training=self.training, finetuned=self.finetuned)
