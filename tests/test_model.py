@@ -728,6 +728,7 @@ def test_fit_trains_members_apart_and_predicts_their_mean(synthetic_small, tmp_p
     pair = pg.tl.fit(synthetic_small, n_members=2, **kwargs)
     assert pair.decoder_config["members"] == 2 and single.decoder_config["members"] == 1
     assert pair.training["params"]["n_members"] == 2
+    assert "decoder='fusion' x 2," in repr(pair) and "decoder='fusion'," in repr(single)
     members = pair.training["members"]
     assert len(members) == 2 and members[0]["best_val_loss"] == pair.training["best_val_loss"]
     assert {h["member"] for h in pair.history} == {0, 1}

@@ -399,3 +399,20 @@ def test_import_pl_stays_light():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     out = run.stdout.split()
     assert out == ["False", "False"]
+
+
+def test_training_curves_draw_each_member_of_an_ensemble_or_one():
+    val = {0: [0.9, 0.5, 0.6], 1: [0.8, 0.85, 0.7]}
+    history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": v, "train_mse": 0.1, "member": k}
+               for k in (0, 1) for e, v in enumerate(val[k])]
+    ax = pg.pl.training_curves(history)
+    best = {line.get_label(): line.get_xdata()[0] for line in ax.get_lines() if line.get_label().startswith("best")}
+    assert best == {"best epoch 1 (member 0) (val_loss 0.5)": 1, "best epoch 2 (member 1) (val_loss 0.7)": 2}
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    np.testing.assert_allclose(lines["val_loss (member 1)"].get_ydata(), val[1])
+    assert "train_mse" not in lines  # per-term curves only for one member
+    one = pg.pl.training_curves(history, member=1)
+    labels = [line.get_label() for line in one.get_lines()]
+    assert "train_mse" in labels and [b for b in labels if b.startswith("best")] == ["best epoch 2 (val_loss 0.7)"]
+    with pytest.raises(PixgeneInputError, match="member"):
+        pg.pl.training_curves(history, member=2)

@@ -117,6 +117,7 @@ def gene_scores(
 def training_curves(
     history: Sequence[Mapping[str, Any]] | pd.DataFrame,
     *,
+    member: int | None = None,
     terms: Sequence[str] | None = None,
     log_y: bool = False,
     title: str | None = None,
@@ -130,10 +131,14 @@ def training_curves(
     ----------
     history
         One dict per epoch with ``"epoch"``, ``"train_loss"`` and ``"val_loss"`` (missing or None when an
-        epoch was not validated), optionally per-term losses, e.g. ``"train_mse"``, ``"val_pearson"``.
+        epoch was not validated), optionally per-term losses, e.g. ``"train_mse"``, ``"val_pearson"``, and
+        ``"member"`` for a model of several decoders (``model.history`` of ``fit(n_members > 1)``).
+    member
+        With members in the history: draw only this one (as a single model's history is drawn); default:
+        every member's training and validation losses, each member in its own colour with its best epoch.
     terms
         Per-term columns to draw thin (dashed for validation); default every other numeric
-        ``train_*`` / ``val_*`` column.
+        ``train_*`` / ``val_*`` column (none when several members are drawn).
     log_y
         Logarithmic loss axis.
     title
@@ -153,11 +158,16 @@ def training_curves(
     for column in ("epoch", "train_loss"):
         if column not in frame.columns:
             fail("history", f"has no {column!r} entries (keys: {list(frame.columns)})", "Give it per epoch")
-    frame = frame.sort_values("epoch")
-    epochs = frame["epoch"].to_numpy(dtype=float)
+    members = sorted(frame["member"].dropna().astype(int).unique()) if "member" in frame.columns else []
+    if member is not None:
+        if member not in members:
+            fail("member", f"{member!r} is not a member in the history (members: {members or 'none'})",
+                 f"Pass one of {members}" if members else "Leave member=None for a single model's history")
+        frame = frame[frame["member"] == member]
     main = [c for c in ("train_loss", "val_loss") if c in frame.columns]
+    several = member is None and len(members) > 1
     if terms is None:
-        terms = [
+        terms = [] if several else [
             c
             for c in frame.columns
             if c not in main
@@ -170,12 +180,34 @@ def training_curves(
             fail("history", f"has no column(s) {missing}", f"Choose terms from {list(frame.columns)}")
 
     fig, ax = new_axes(ax, (6.0, 4.0))
-    palette = {"train_loss": "#4c72b0", "val_loss": "#dd8452"}
+    if several:
+        for k in members:
+            part = frame[frame["member"] == k].sort_values("epoch")
+            colour = f"C{k % 10}"
+            _draw_losses(ax, part, main, [], {"train_loss": colour, "val_loss": colour}, f" (member {k})")
+    else:
+        _draw_losses(ax, frame.sort_values("epoch"), main, terms, {"train_loss": "#4c72b0", "val_loss": "#dd8452"},
+                     "")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8, frameon=False)
+    ax.set_title("training curves" if title is None else title)
+    finish(fig, save=save, show=show)
+    return ax
+
+
+def _draw_losses(ax: Any, frame: pd.DataFrame, main: list[str], terms: Sequence[str], palette: dict,
+                 suffix: str) -> None:
+    """One model's (or member's) loss curves, validation dashed when it shares its colour, and its best epoch."""
+    epochs = frame["epoch"].to_numpy(dtype=float)
+    shared = palette["train_loss"] == palette["val_loss"]
     for column in main:
         y = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
         ok = np.isfinite(y)
         ax.plot(epochs[ok], y[ok], marker="o", markersize=3, linewidth=1.8, color=palette[column],
-                label=column)
+                linestyle="--" if shared and column == "val_loss" else "-", label=column + suffix)
     term_colors: dict[str, Any] = {}
     for column in terms:
         y = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
@@ -192,16 +224,9 @@ def training_curves(
         by, best_of = "train_loss", pd.to_numeric(frame["train_loss"], errors="coerce").to_numpy(dtype=float)
     if np.isfinite(best_of).any():
         best = int(np.nanargmin(np.where(np.isfinite(best_of), best_of, np.nan)))
+        colour = palette["val_loss"] if suffix else "black"
         ax.axvline(
-            epochs[best], color="black", linestyle=":", linewidth=1.0,
-            label=f"best epoch {epochs[best]:g} ({by} {best_of[best]:.4g})",
+            epochs[best], color=colour, linestyle=":", linewidth=1.0,
+            label=f"best epoch {epochs[best]:g}{suffix} ({by} {best_of[best]:.4g})",
         )
-        ax.plot([epochs[best]], [best_of[best]], marker="*", markersize=12, color="black", linestyle="none")
-    if log_y:
-        ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize=8, frameon=False)
-    ax.set_title("training curves" if title is None else title)
-    finish(fig, save=save, show=show)
-    return ax
+        ax.plot([epochs[best]], [best_of[best]], marker="*", markersize=12, color=colour, linestyle="none")

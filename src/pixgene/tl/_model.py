@@ -101,7 +101,9 @@ class PixNet:
     def __repr__(self) -> str:
         return (
             f"PixNet({len(self.genes)} genes, encoder={self.encoder_config.get('name')!r}, "
-            f"decoder={self.decoder_config.get('block')!r}, {self.out_um_per_px:g} um/px output, id={self.model_id})"
+            f"decoder={self.decoder_config.get('block')!r}"
+            + (f" x {self.module.n_members}" if self.module.n_members > 1 else "")
+            + f", {self.out_um_per_px:g} um/px output, id={self.model_id})"
         )
 
     # ---------------------------------------------------------------- inference
