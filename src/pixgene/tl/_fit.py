@@ -206,8 +206,9 @@ def fit(
     n_members
         Train this many decoders (each with its intensity head) on the same cached encoder features, each with
         its own random validation spots, initialisation, view order and seed, and predict their mean intensity
-        (default: 3; 1 when ``finetune_levels`` > 0, where the members would tune one shared encoder). A few hundred spots leave a single decoder's fit at the mercy of its seed: on st_mob, MOB2
-        -> MOB3, three seeds gave PCC@M 0.485, 0.423 and 0.405, and the mean of the three 0.485. The features
+        (default: 3; 1 when ``finetune_levels`` > 0, where the members would tune one shared encoder). A few
+        hundred spots leave a single decoder's fit at the mercy of its seed: on st_mob, MOB2 -> MOB3, three
+        seeds gave PCC@M 0.485, 0.423 and 0.405, and the mean of the three 0.485. The features
         are encoded once, so each further member adds a decoder's training time, and a prediction runs the
         encoder once and every decoder on its features. ``model.training`` keeps the first member's summary at
         its top level and every member's under ``"members"``; the history records each epoch's member.
