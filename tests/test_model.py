@@ -738,12 +738,27 @@ def test_fit_trains_members_apart_and_predicts_their_mean(synthetic_small, tmp_p
     assert pair.history[: len(single.history)] == [{**h, "member": 0} for h in single.history]
     # the second member trained on its own split and seed: other weights, another validation loss
     assert members[1]["best_val_loss"] != members[0]["best_val_loss"]
+    # each member as a model of its own: member 0 is the single fit (same id, history, summary)
+    alone = [pair.member(k) for k in range(2)]
+    assert alone[0].model_id == single.model_id and alone[1].model_id not in (single.model_id, pair.model_id)
+    assert alone[0].history == single.history and alone[1].history
+    assert alone[0].n_members == 1 and alone[0].decoder_config == single.decoder_config
+    assert alone[1].training["best_val_loss"] == members[1]["best_val_loss"] and "members" not in alone[1].training
+    assert alone[1].training["member_of"] == {"model_id": pair.model_id, "member": 1}
+    assert alone[0].training["params"] == single.training["params"]
+    assert single.member(0) is single
+    for bad in (2, -1, 0.0, True):
+        with pytest.raises(PixgeneInputError, match="member"):
+            pair.member(bad)
     tile = np.random.default_rng(2).random((3, 128, 128)).astype(np.float32)
     with torch.inference_mode():
         x = torch.from_numpy(tile[None])
         each = [pair.module.member(k)(x).numpy()[0] for k in range(2)]
     np.testing.assert_allclose(pair.predict_intensity(tile), (each[0] + each[1]) / 2, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(each[0], single.predict_intensity(tile), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(alone[1].predict_intensity(tile), each[1])
+    alone[1].save(tmp_path / "member1")
+    assert PixNet.load(tmp_path / "member1").model_id == alone[1].model_id
     pair.save(tmp_path / "pair")
     loaded = PixNet.load(tmp_path / "pair")
     assert loaded.module.n_members == 2 and loaded.model_id == pair.model_id

@@ -102,14 +102,20 @@ class PixNetModule(nn.Module):
     def member(self, k: int) -> PixNetModule:
         """A view of member ``k`` as a single-member module: the same encoder, and member ``k``'s decoder and
         head (not copies: training the view trains the member)."""
-        import copy
-
         if k == 0 and not len(self.members):
             return self
-        view = copy.copy(self)  # shallow: shares the encoder and the tensors
-        view._modules = dict(self._modules)
+        view = self.shallow_copy()
         view.decoder, view.head = self.pairs()[k]
         view.members = nn.ModuleList()
+        return view
+
+    def shallow_copy(self) -> PixNetModule:
+        """A new module holding the same submodules (encoder, decoders, heads: nothing copied); assigning a
+        submodule of the copy leaves this module as it is."""
+        import copy
+
+        view = copy.copy(self)
+        view._modules = dict(self._modules)
         return view
 
     @property

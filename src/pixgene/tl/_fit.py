@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -374,6 +375,7 @@ def fit(
         if n_members > 1:
             logger.info("training member %d of %d", k + 1, n_members)
         member = module.member(k)
+        started = time.perf_counter()
         member_history, summary = train(
             member, member_cache, n_slides=len(slides),
             loss=LossWeights(weights["count"], weights["total"], weights["mse"], weights["pearson"], likelihood),
@@ -386,6 +388,7 @@ def fit(
             module.to(work_device).eval()
             summary["scale_factor"] = calibrate_scale(member, member_cache, batch_size=batch_size)
             logger.info("outputs rescaled by %.4g to the training spots' library sizes", summary["scale_factor"])
+        summary["train_s"] = round(time.perf_counter() - started, 1)
         history += [{**h, "member": k} for h in member_history] if n_members > 1 else member_history
         summaries.append(summary)
     summary = dict(summaries[0])

@@ -133,8 +133,7 @@ class PixNet:
         """
         import copy
 
-        module = copy.copy(self.module)  # shallow: shares the encoder
-        module._modules = dict(self.module._modules)
+        module = self.module.shallow_copy()  # shares the encoder
         module.decoder = copy.deepcopy(self.module.decoder)
         module.head = copy.deepcopy(self.module.head)
         module.members = copy.deepcopy(self.module.members)
@@ -143,6 +142,35 @@ class PixNet:
         return PixNet(module, genes=self.genes, encoder_config=self.encoder_config,
                       encoder_weights=self.encoder_weights, decoder_config=self.decoder_config,
                       history=self.history, training=self.training, finetuned=self.finetuned)
+
+    @property
+    def n_members(self) -> int:
+        """Decoders whose mean intensity the model predicts (``n_members`` of :func:`pixgene.tl.fit`)."""
+        return int(self.module.n_members)
+
+    def member(self, k: int) -> PixNet:
+        """Member ``k`` of the ensemble as a model of its own: one decoder and head, this model's encoder.
+
+        The weights are shared, not copied. Member 0 of a fit is, to the bit, the model the same ``fit`` makes
+        with ``n_members=1`` (same model id). Predicting each member (``predict_dense(sdata, model.member(k),
+        key_added=...)``) shows how far the decoders agree; the model's map is their mean. Its ``training``
+        holds member ``k``'s summary and ``"member_of"`` (this model's id and ``k``), its history member
+        ``k``'s epochs.
+        """
+        n = self.n_members
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < n:
+            fail("member", f"{k!r} is not a member index of this {n}-member model", f"Pass 0 to {n - 1}")
+        k = int(k)
+        if n == 1:
+            return self
+        training = {key: v for key, v in self.training.items() if key != "members"}
+        training.update(self.training.get("members", [{}] * n)[k])
+        training["params"] = {**training.get("params", {}), "n_members": 1}
+        training["member_of"] = {"model_id": self.model_id, "member": k}
+        history = [{key: v for key, v in h.items() if key != "member"} for h in self.history if h.get("member") == k]
+        return PixNet(self.module.member(k), genes=self.genes, encoder_config=self.encoder_config,
+                      encoder_weights=self.encoder_weights, decoder_config={**self.decoder_config, "members": 1},
+                      history=history, training=training, finetuned=self.finetuned)
 
     def to(self, device: str) -> PixNet:
         self.module.to(device)
