@@ -393,7 +393,8 @@ def fit_pixgene(train_sdatas: list, test: Spots, *, genes: list[str], seed: int,
     if members:  # every member's (the top-level entries are the first member's)
         info.update(n_members=len(members), best_epoch=[m["best_epoch"] for m in members],
                     best_val_loss=[m["best_val_loss"] for m in members],
-                    epochs_run=[m["epochs_run"] for m in members])
+                    epochs_run=[m["epochs_run"] for m in members],
+                    train_s=[m.get("train_s") for m in members])
     info["precision"] = model.decoder_config["precision"]
     info["model_id"] = model.model_id  # a hash of the fitted weights: equal ids, equal models
     info.update(fit_s=round(fit_s, 1), predict_and_aggregate_s=round(time.perf_counter() - t0 - fit_s, 1))
