@@ -27,7 +27,9 @@ patch and superpixel sizes are in encoder pixels, so the um below hold at 1 um/p
               own (``pixgene_pooled``)
     variants  one decoder attending over four half-window-shifted grids of 4 x 4 windows, blended
               (``pixgene_smooth``: ``smooth_windows=True, attention_window=4``; no window lattice in the map,
-              about the default's attention compute)
+              about the default's attention compute); the default with 128 encoder pixels of image encoded
+              around every training tile and cropped from its features (``pixgene_context``:
+              ``tile_context_px=128``), so training sees the features a whole-slide prediction sees
 
 Cross-scale (synthetic data, truth known everywhere)
     Fit on 100 um spots only, read the dense map out over 2, 8, 16 and 55 um square bins and over the
@@ -38,7 +40,7 @@ Cross-scale (synthetic data, truth known everywhere)
 Every method gets the fold's seed; the same seed gives the same table. Prints markdown tables and writes
 ``benchmarks/results/accuracy.json`` and ``accuracy.md`` (``accuracy_<tag>`` for partial runs).
 
-    python benchmarks/accuracy.py                       # everything
+    python benchmarks/accuracy.py                       # the standard methods, both datasets, cross-scale
     python benchmarks/accuracy.py --datasets st_mob --methods mean ridge pixgene --tag smoke
 """
 
@@ -74,8 +76,13 @@ PIXGENE = {
     "pixgene_mse": {**SINGLE, "loss_weights": {"count": 0.0, "mse": 1.0, "pearson": 0.0}},
     "pixgene_nostain": {**SINGLE, "stain_jitter": 0.0},
     "pixgene_smooth": {**SINGLE, "smooth_windows": True, "attention_window": 4},
+    # the default (three members) with 128 encoder px of image encoded around every training tile
+    "pixgene_context": {"tile_context_px": 128},
 }
 METHODS = (*BASELINES, *PIXGENE)
+#: what a run without ``--methods`` runs: the baselines, the default, one decoder and the three ablations (the
+#: other variants on request)
+STANDARD = (*BASELINES, "pixgene", "pixgene_single", "pixgene_conv", "pixgene_mse", "pixgene_nostain")
 PATCH_PX = 224  # HEST / ST-Net patch, encoder pixels
 SUPERPIXEL_PX = 8  # iStar superpixel, encoder pixels
 N_GENES = 50
@@ -699,7 +706,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="*", default=list(FOLDS), choices=list(FOLDS),
                         help="none: only the cross-scale part")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(STANDARD), choices=list(METHODS),
+                        help="default: the baselines, pixgene, pixgene_single and the three ablations")
     parser.add_argument("--folds", nargs="+", default=None, help="test sections to run (default: all)")
     parser.add_argument("--no-cross-scale", action="store_true")
     parser.add_argument("--cross-scale-method", default="pixgene", choices=list(PIXGENE),

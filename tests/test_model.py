@@ -782,3 +782,58 @@ def test_n_members_is_validated_and_fine_tuning_trains_one(synthetic_small):
             pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], n_members=bad, progress=False)
     with pytest.raises(PixgeneInputError, match="n_members"):
         pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], n_members=2, finetune_levels=1, progress=False)
+
+
+def test_training_context_gives_the_features_a_whole_slide_pass_has():
+    """With ``context`` the cached features of a tile are those of the tile inside a larger read: far closer to
+    the features a pass over the whole image gives there (what prediction sees) than a tile encoded alone."""
+    from spatialdata.models import Image2DModel
+
+    from pixgene.data._reader import SlideReader
+    from pixgene.data._training import SlideSpots, build_cache
+    from pixgene.nn._encoders import build_encoder
+    from pixgene.nn._pixnet import PixNetModule
+
+    torch.manual_seed(0)
+    module = PixNetModule(build_encoder("efficientnet_lite0", weights=None), 3, width=8).eval()
+    rng = np.random.default_rng(0)
+    # smooth texture, so that features vary over the image but not only from pixel noise
+    from scipy.ndimage import gaussian_filter
+
+    img = np.stack([gaussian_filter(rng.random((1024, 1024)), 6) for _ in range(3)])
+    img = ((img - img.min()) / (img.max() - img.min()) * 255).astype(np.uint8)
+    reader = SlideReader(Image2DModel.parse(img, dims=("c", "y", "x")), image_um=1.0, target_um=1.0)
+    centers = np.array([[500.0, 480.0], [540.0, 560.0]])
+    slide = SlideSpots("s", reader, centers, 30.0, np.ones((2, 4), np.float32), np.ones(2, bool))
+
+    def cache(context):
+        return build_cache([slide], module, tile=256, margin=16, n_views=1, stain_strength=0.0,
+                           rng=np.random.default_rng(1), context=context, progress=False)
+
+    alone, inside = cache(0), cache(128)
+    assert alone.n_tiles == inside.n_tiles == 1
+    # where the tile lies: the spots' operator is the same, read off the plan both caches share
+    np.testing.assert_array_equal(alone.views[0][0].cols, inside.views[0][0].cols)
+    from pixgene.data._training import plan_tiles
+
+    x0, y0 = plan_tiles(centers, 30.0, 256, 16)[0]
+    with torch.inference_mode():
+        # prediction's view of the tile: a read with a wide halo (384 px) on every side
+        whole = module.encode(torch.from_numpy(reader.read(x0 - 384, y0 - 384, 1024, 1024))[None])
+        ref_context = module.encode(torch.from_numpy(reader.read(x0 - 128, y0 - 128, 512, 512))[None])
+    for f_alone, f_inside, i in zip(alone.features, inside.features, inside.levels, strict=True):
+        r = module.encoder.reductions[i]
+        n, a = 256 // r, 128 // r
+        h = 384 // r
+        ref = whole[i][0, :, h : h + n, h : h + n].numpy()
+        got, plain = f_inside[0, 0].float().numpy(), f_alone[0, 0].float().numpy()
+        # the cache holds the crop of the larger read (to float16)
+        crop = ref_context[i][0, :, a : a + n, a : a + n].numpy()
+        np.testing.assert_allclose(got, crop, rtol=0, atol=2e-3 * np.abs(crop).max())
+        err_inside, err_alone = np.abs(got - ref).mean(), np.abs(plain - ref).mean()
+        if r >= 16:  # the coarse levels, whose cells all lie near a 256 px tile's edge
+            assert err_inside < 0.5 * err_alone, (i, err_inside, err_alone)
+        else:
+            assert err_inside <= err_alone, (i, err_inside, err_alone)
+    with pytest.raises(ValueError, match="multiples"):
+        cache(100)

@@ -113,6 +113,7 @@ def build_cache(
     rng: np.random.Generator,
     scale_jitter: float = 0.0,
     keep_images: bool = False,
+    context: int = 0,
     batch_size: int = 8,
     progress: bool = True,
 ) -> TrainingCache:
@@ -123,6 +124,11 @@ def build_cache(
     centres and radii are divided by ``s`` and the output pixels' areas multiplied by ``s**2``, so the spot
     integrals stay exact. ``keep_images`` stores the views' pixels (uint8) instead of their features, for
     fine-tuning the encoder.
+
+    ``context`` > 0 (encoder pixels, a multiple of the encoder's coarsest stride) encodes each view with that
+    much more image on every side and keeps the features of the tile itself: the encoder then sees around a
+    tile what it sees there when a whole slide is predicted (tiles with a wide halo), instead of the padding
+    at the tile's edge. Not with ``keep_images`` or an encoder with a compact form.
     """
     import torch
     from tqdm.auto import tqdm
@@ -133,6 +139,11 @@ def build_cache(
     # a ViT's token grids are cached instead of the pyramid resampled from them (several times smaller)
     encoder = getattr(module, "encoder", None)
     compact = encoder is not None and not getattr(encoder, "compact_is_pyramid", True)
+    if context:
+        if keep_images or compact:
+            raise ValueError("context is for cached features of a pyramid encoder (not fine-tuning, not compact)")
+        if context < 0 or any(context % encoder.reductions[i] or tile % encoder.reductions[i] for i in levels):
+            raise ValueError(f"context {context} and tile {tile} must be multiples of the levels' strides")
     jobs = []  # (slide, x0, y0, view, dihedral, jitter, scale)
     for si, slide in enumerate(slides):
         corners = plan_tiles(slide.centers, slide.radius, tile, margin)
@@ -162,7 +173,8 @@ def build_cache(
             batch = flat[start : start + batch_size]
             images = []
             for si, x0, y0, _, d, jitter, scale in batch:
-                img = slides[si].reader.read(x0, y0, tile, tile, scale=scale)
+                img = slides[si].reader.read(x0 - context, y0 - context, tile + 2 * context, tile + 2 * context,
+                                             scale=scale)
                 if jitter and stain_strength > 0:
                     img = stain_jitter(img, rng, stain_strength)
                 images.append(dihedral(torch.from_numpy(img), d))
@@ -175,6 +187,12 @@ def build_cache(
             x = torch.stack(images).to(device)
             out = module.encode_compact(x) if compact else module.encode(x)
             # one device-to-host copy per level and batch
+            if context:
+                # the tile's own cells of every level (the dihedral turned the read square about its centre)
+                out = list(out)
+                for i in levels:
+                    a, n = context // encoder.reductions[i], tile // encoder.reductions[i]
+                    out[i] = out[i][..., a : a + n, a : a + n]
             out = {i: out[i].to("cpu", torch.float16) for i in levels}
             if feats is None:
                 feats = [
