@@ -782,6 +782,15 @@ def test_n_members_is_validated_and_fine_tuning_trains_one(synthetic_small):
             pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], n_members=bad, progress=False)
     with pytest.raises(PixgeneInputError, match="n_members"):
         pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], n_members=2, finetune_levels=1, progress=False)
+    for bad in (-32, 1.5, True, 100):
+        with pytest.raises(PixgeneInputError, match="tile_context_px"):
+            pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], tile_context_px=bad, progress=False)
+    with pytest.raises(PixgeneInputError, match="tile_context_px"):
+        pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], tile_context_px=64, finetune_levels=1, progress=False)
+    kwargs = dict(genes=FIT_GENES[:2], max_epochs=1, n_views=1, width=16, n_members=1, progress=False)
+    plain, wide = (pg.tl.fit(synthetic_small, tile_context_px=c, **kwargs) for c in (0, 64))
+    assert plain.training["params"]["tile_context_px"] == 0 and wide.training["params"]["tile_context_px"] == 64
+    assert plain.model_id != wide.model_id  # the same tiles and views, other features
 
 
 def test_training_context_gives_the_features_a_whole_slide_pass_has():

@@ -66,13 +66,12 @@ def training_context(tile_context_px: int | None, module, finetune_levels: int) 
     possible = not finetune_levels and getattr(encoder, "compact_is_pyramid", True)
     if tile_context_px is None:
         return DEFAULT_CONTEXT_PX if possible and DEFAULT_CONTEXT_PX % stride == 0 else 0
-    if isinstance(tile_context_px, bool) or not isinstance(tile_context_px, (int, np.integer)) \
-            or tile_context_px < 0 or tile_context_px % stride:
-        fail("tile_context_px", f"{tile_context_px!r} is not a non-negative multiple of the encoder's coarsest "
-             f"stride {stride}", f"Pass 0 or a multiple of {stride}, e.g. {4 * stride}")
+    if tile_context_px % stride:
+        fail("tile_context_px", f"{tile_context_px} is not a multiple of the encoder's coarsest stride {stride}",
+             f"Pass 0 or a multiple of {stride}, e.g. {4 * stride}")
     if tile_context_px and not possible:
-        fail("tile_context_px", "context around training tiles needs cached features of a pyramid encoder",
-             "Pass tile_context_px=0 with finetune_levels or a ViT encoder")
+        fail("tile_context_px", f"encoder {encoder.config().get('name')!r} caches a compact form (token grids), "
+             "which is not cropped to a tile", "Pass tile_context_px=0 with this encoder")
     return int(tile_context_px)
 
 
@@ -202,11 +201,11 @@ def fit(
         per tile (view 0 plain; others a random dihedral transform, shift and stain jitter of this strength).
     tile_context_px
         Encoder pixels of image encoded around each training tile, whose features are then cropped to the tile
-        (a multiple of the encoder's coarsest stride; default ``DEFAULT_CONTEXT_PX``). A tile encoded alone gives
-        features that near its edges come from the encoder's padding, while ``predict_dense`` encodes every
-        chunk with a wide halo of real tissue; with context the decoder trains on the features it will see.
-        Costs ``((tile + 2 context) / tile)^2`` times the encoding of the training tiles, nothing in training.
-        0 with ``finetune_levels`` or an encoder with a compact form (ViTs).
+        (a multiple of the encoder's coarsest stride; default 0, none; 128 raised accuracy in docs/concepts.md).
+        A tile encoded alone gives features that near its edges come from the encoder's padding, while
+        ``predict_dense`` encodes every chunk with a wide halo of real tissue; with context the decoder trains
+        on the features it will see. Costs ``((tile + 2 context) / tile)^2`` times the encoding of the training
+        tiles, nothing in training. Must be 0 with ``finetune_levels`` or an encoder with a compact form (ViTs).
     scale_jitter
         Views other than the first are also read at a magnification drawn from [1 - s, 1 + s] (0: off).
     finetune_levels
@@ -300,6 +299,13 @@ def fit(
     if n_members > 1 and finetune_levels:
         fail("n_members", f"{n_members} members cannot share an encoder that finetune_levels={finetune_levels} "
              "tunes", "Pass n_members=1 with finetune_levels, or finetune_levels=0 for an ensemble")
+    if tile_context_px is not None and (isinstance(tile_context_px, bool) or not isinstance(tile_context_px, int)
+                                        or tile_context_px < 0):
+        fail("tile_context_px", f"{tile_context_px!r} is not a non-negative integer",
+             "Pass e.g. 128 (encoder pixels around each training tile), or 0")
+    if tile_context_px and finetune_levels:
+        fail("tile_context_px", f"finetune_levels={finetune_levels} runs the encoder on the tiles in every step, "
+             "without context", "Pass tile_context_px=0 with finetune_levels")
     if precision not in ("auto", "bf16", "32"):
         fail("precision", f"{precision!r} is not 'auto', 'bf16' or '32'",
              "Pass 'auto' (bfloat16 where the device runs it natively), 'bf16' or '32'")
