@@ -186,13 +186,13 @@ def build_cache(
                 continue
             x = torch.stack(images).to(device)
             out = module.encode_compact(x) if compact else module.encode(x)
-            # one device-to-host copy per level and batch
             if context:
                 # the tile's own cells of every level (the dihedral turned the read square about its centre)
                 out = list(out)
                 for i in levels:
                     a, n = context // encoder.reductions[i], tile // encoder.reductions[i]
                     out[i] = out[i][..., a : a + n, a : a + n]
+            # one device-to-host copy per level and batch
             out = {i: out[i].to("cpu", torch.float16) for i in levels}
             if feats is None:
                 feats = [

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 #: the default training length: at least this many epochs and this many optimiser steps (small training sets
 #: get more, shorter epochs), at most ``MAX_AUTO_EPOCHS``
 MIN_EPOCHS, MIN_STEPS, MAX_AUTO_EPOCHS = 12, 800, 100
-#: encoder pixels of image encoded around each training tile by default (``tile_context_px`` of :func:`fit`)
+#: encoder pixels of image encoded around each training tile by default (``tile_context_px`` of :func:`fit`;
+#: a multiple of every encoder's coarsest stride)
 DEFAULT_CONTEXT_PX = 0
 
 SELECTED_VAR = "pixgene_selected"
@@ -65,7 +66,7 @@ def training_context(tile_context_px: int | None, module, finetune_levels: int) 
     stride = max(encoder.reductions[i] for i in module.used_levels)
     possible = not finetune_levels and getattr(encoder, "compact_is_pyramid", True)
     if tile_context_px is None:
-        return DEFAULT_CONTEXT_PX if possible and DEFAULT_CONTEXT_PX % stride == 0 else 0
+        return DEFAULT_CONTEXT_PX if possible else 0
     if tile_context_px % stride:
         fail("tile_context_px", f"{tile_context_px} is not a multiple of the encoder's coarsest stride {stride}",
              f"Pass 0 or a multiple of {stride}, e.g. {4 * stride}")
