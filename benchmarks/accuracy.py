@@ -27,9 +27,9 @@ patch and superpixel sizes are in encoder pixels, so the um below hold at 1 um/p
               own (``pixgene_pooled``)
     variants  one decoder attending over four half-window-shifted grids of 4 x 4 windows, blended
               (``pixgene_smooth``: ``smooth_windows=True, attention_window=4``; no window lattice in the map,
-              about the default's attention compute); the default with 128 encoder pixels of image encoded
-              around every training tile and cropped from its features (``pixgene_context``:
-              ``tile_context_px=128``), so training sees the features a whole-slide prediction sees
+              about the default's attention compute); the default and one decoder with every training tile
+              encoded alone, without the 128 encoder pixels of image around it that the default encodes and
+              crops away (``pixgene_tile_alone``, ``pixgene_single_tile_alone``: ``tile_context_px=0``)
 
 Cross-scale (synthetic data, truth known everywhere)
     Fit on 100 um spots only, read the dense map out over 2, 8, 16 and 55 um square bins and over the
@@ -76,9 +76,12 @@ PIXGENE = {
     "pixgene_mse": {**SINGLE, "loss_weights": {"count": 0.0, "mse": 1.0, "pearson": 0.0}},
     "pixgene_nostain": {**SINGLE, "stain_jitter": 0.0},
     "pixgene_smooth": {**SINGLE, "smooth_windows": True, "attention_window": 4},
-    # the default (three members) with 128 encoder px of image encoded around every training tile
-    "pixgene_context": {"tile_context_px": 128},
+    # the default before 2026-11-30 evening: every training tile encoded alone (no image around it)
+    "pixgene_tile_alone": {"tile_context_px": 0},
+    "pixgene_single_tile_alone": {**SINGLE, "tile_context_px": 0},
 }
+#: one-decoder methods that are member 0 of another method's model: {single: its ensemble}
+SINGLE_OF = {"pixgene_single": "pixgene", "pixgene_single_tile_alone": "pixgene_tile_alone"}
 METHODS = (*BASELINES, *PIXGENE)
 #: what a run without ``--methods`` runs: the baselines, the default, one decoder and the three ablations (the
 #: other variants on request)
@@ -412,13 +415,15 @@ def member_of_fitted(method: str, fitted: dict) -> tuple[object, float] | None:
     """``(model, fit_s)`` for a method that is one member of a model this fold has already fitted, else None.
 
     ``pixgene_single`` is member 0 of ``pixgene``'s fit, to the bit (``pg.tl.fit`` draws member 0's split and
-    seed exactly as with ``n_members=1``; the same model id), so it is not fitted again. Its fit time is what
-    a fit of one member takes: ``pixgene``'s fit less the training of its other members.
+    seed exactly as with ``n_members=1``; the same model id), so it is not fitted again (likewise every pair
+    in ``SINGLE_OF``). Its fit time is what a fit of one member takes: the ensemble's fit less the training of
+    its other members.
     """
-    if method != "pixgene_single" or "pixgene" not in fitted:
+    parent = SINGLE_OF.get(method)
+    if parent not in fitted:
         return None
-    model, fit_s = fitted["pixgene"]
-    if PIXGENE["pixgene"].get("n_members", 1) == 1 and model.n_members == 1:
+    model, fit_s = fitted[parent]
+    if model.n_members == 1:
         return model, fit_s
     members = model.training.get("members", [])
     others = sum(m["train_s"] for m in members[1:])
@@ -426,12 +431,14 @@ def member_of_fitted(method: str, fitted: dict) -> tuple[object, float] | None:
 
 
 def single_after_full(methods: list[str]) -> list[str]:
-    """``methods`` with ``pixgene_single`` moved right after ``pixgene`` when both run (see member_of_fitted)."""
-    if "pixgene" not in methods or "pixgene_single" not in methods:
-        return list(methods)
-    rest = [m for m in methods if m != "pixgene_single"]
-    i = rest.index("pixgene")
-    return rest[: i + 1] + ["pixgene_single"] + rest[i + 1 :]
+    """``methods`` with each one-decoder method of ``SINGLE_OF`` moved right after its ensemble when both run
+    (see member_of_fitted)."""
+    order = list(methods)
+    for single, parent in SINGLE_OF.items():
+        if single in order and parent in order:
+            order.remove(single)
+            order.insert(order.index(parent) + 1, single)
+    return order
 
 
 def _align(pred_table, measured_table) -> np.ndarray:
@@ -489,14 +496,14 @@ def run_fold(dataset: str, sections: tuple[str, ...], test_section: str, methods
             if method in PIXGENE:
                 pred, info, model = fit_pixgene(train_sdatas, test, genes=genes, seed=seed, name=method,
                                                 options=PIXGENE[method], model=derived and derived[0])
-                if derived is None and method == "pixgene":
+                if derived is None and method in SINGLE_OF.values():
                     fitted[method] = (model, info["fit_s"])
             else:
                 fn = {"mean": fit_mean, "ridge": fit_ridge, "stnet": fit_stnet, "istar": fit_istar}[method]
                 pred = fn(train, test, encoder=encoder, seed=seed)
         if derived is not None:
-            # timed: the prediction; the fit is the share of pixgene's fit that one member takes
-            info.update(fit_s=round(derived[1], 1), member_of="pixgene")
+            # timed: the prediction; the fit is the share of the ensemble's fit that one member takes
+            info.update(fit_s=round(derived[1], 1), member_of=SINGLE_OF[method])
             record["time_s"] = round(record["time_s"] + derived[1], 1)
         record.update(score(pred, test.y, genes))
         if info:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -168,16 +169,27 @@ def build_cache(
     device = next(module.parameters()).device
     desc = "reading training tiles" if keep_images else "encoding training tiles"
     bar = tqdm(total=len(flat), desc=desc, unit="view", disable=not progress)
-    with torch.inference_mode():
-        for start in range(0, len(flat), batch_size):
+
+    def read_batch(start: int) -> list:
+        images = []
+        for si, x0, y0, _, d, jitter, scale in flat[start : start + batch_size]:
+            img = slides[si].reader.read(x0 - context, y0 - context, tile + 2 * context, tile + 2 * context,
+                                         scale=scale)
+            if jitter and stain_strength > 0:
+                img = stain_jitter(img, rng, stain_strength)
+            images.append(dihedral(torch.from_numpy(img), d))
+        return images
+
+    starts = range(0, len(flat), batch_size)
+    # one thread reads (and jitters) the next batch while this one is encoded: numpy and the reads release the
+    # GIL; a single worker keeps the batches, and so the draws from ``rng``, in order
+    with torch.inference_mode(), ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read_batch, starts[0]) if starts else None
+        for n, start in enumerate(starts):
             batch = flat[start : start + batch_size]
-            images = []
-            for si, x0, y0, _, d, jitter, scale in batch:
-                img = slides[si].reader.read(x0 - context, y0 - context, tile + 2 * context, tile + 2 * context,
-                                             scale=scale)
-                if jitter and stain_strength > 0:
-                    img = stain_jitter(img, rng, stain_strength)
-                images.append(dihedral(torch.from_numpy(img), d))
+            images = pending.result()
+            if n + 1 < len(starts):
+                pending = pool.submit(read_batch, starts[n + 1])
             if keep_images:
                 for k, img in enumerate(images):
                     t, v = divmod(start + k, n_views)

@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 #: get more, shorter epochs), at most ``MAX_AUTO_EPOCHS``
 MIN_EPOCHS, MIN_STEPS, MAX_AUTO_EPOCHS = 12, 800, 100
 #: encoder pixels of image encoded around each training tile by default (``tile_context_px`` of :func:`fit`;
-#: a multiple of every encoder's coarsest stride)
-DEFAULT_CONTEXT_PX = 0
+#: a multiple of every encoder's coarsest stride): chosen on training sections only, against 0 and 64
+DEFAULT_CONTEXT_PX = 128
 
 SELECTED_VAR = "pixgene_selected"
 
@@ -202,11 +202,13 @@ def fit(
         per tile (view 0 plain; others a random dihedral transform, shift and stain jitter of this strength).
     tile_context_px
         Encoder pixels of image encoded around each training tile, whose features are then cropped to the tile
-        (a multiple of the encoder's coarsest stride; default 0, none; 128 raised accuracy in docs/concepts.md).
+        (a multiple of the encoder's coarsest stride; default 128, 0 with ``finetune_levels`` or a ViT's
+        compact cache; docs/concepts.md gives how it was chosen).
         A tile encoded alone gives features that near its edges come from the encoder's padding, while
         ``predict_dense`` encodes every chunk with a wide halo of real tissue; with context the decoder trains
         on the features it will see. Costs ``((tile + 2 context) / tile)^2`` times the encoding of the training
-        tiles, nothing in training. Must be 0 with ``finetune_levels`` or an encoder with a compact form (ViTs).
+        tiles (4 times at 128 px around 256 px tiles), nothing in training. Must be 0 with ``finetune_levels``
+        or an encoder with a compact form (ViTs).
     scale_jitter
         Views other than the first are also read at a magnification drawn from [1 - s, 1 + s] (0: off).
     finetune_levels
