@@ -180,21 +180,19 @@ def build_cache(
             images.append(dihedral(torch.from_numpy(img), d))
         return images
 
-    starts = range(0, len(flat), batch_size)
     # one thread reads (and jitters) the next batch while this one is encoded: numpy and the reads release the
     # GIL; a single worker keeps the batches, and so the draws from ``rng``, in order
     with torch.inference_mode(), ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read_batch, starts[0]) if starts else None
-        for n, start in enumerate(starts):
-            batch = flat[start : start + batch_size]
+        pending = pool.submit(read_batch, 0)
+        for start in range(0, len(flat), batch_size):
             images = pending.result()
-            if n + 1 < len(starts):
-                pending = pool.submit(read_batch, starts[n + 1])
+            if start + batch_size < len(flat):
+                pending = pool.submit(read_batch, start + batch_size)
             if keep_images:
                 for k, img in enumerate(images):
                     t, v = divmod(start + k, n_views)
                     pixels[t, v] = (img * 255 + 0.5).clamp(0, 255).to(torch.uint8)
-                bar.update(len(batch))
+                bar.update(len(images))
                 continue
             x = torch.stack(images).to(device)
             out = module.encode_compact(x) if compact else module.encode(x)
@@ -210,11 +208,11 @@ def build_cache(
                 feats = [
                     torch.empty((len(jobs), n_views, *out[i].shape[1:]), dtype=torch.float16) for i in levels
                 ]
-            for k in range(len(batch)):
+            for k in range(len(images)):
                 t, v = divmod(start + k, n_views)
                 for f, i in zip(feats, levels, strict=True):
                     f[t, v] = out[i][k]
-            bar.update(len(batch))
+            bar.update(len(images))
     bar.close()
 
     for tile_jobs in jobs:
