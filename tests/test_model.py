@@ -563,8 +563,85 @@ def test_fit_leaves_torchs_global_switches_as_it_found_them(synthetic_small):
         assert not torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.benchmark is True
         assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == cublas
+        # training switches deterministic mode's NaN fill of new tensors off, and back afterwards
+        assert torch.utils.deterministic.fill_uninitialized_memory is True
     finally:
         torch.backends.cudnn.benchmark = False
+
+
+def test_collate_maps_each_views_operator_through_its_dihedral():
+    """Spot sums over the network's output of a transformed view, read through the collated columns, equal
+    the sums over the output turned back into the tile's orientation (dihedral_inverse) read through the view's
+    own columns; and the head evaluated at the covered pixels alone gives the same spot sums as the whole map."""
+    from pixgene.data._augment import dihedral_inverse
+    from pixgene.data._training import TileView
+    from pixgene.tl._train import integrate_pixels, integrate_spots, make_collate
+
+    module, cache = _stub_training()
+    rng = np.random.default_rng(5)
+    n = cache.tile // cache.out_stride
+    for t in range(5):  # an asymmetric operator per tile, under every dihedral in turn
+        cols = rng.choice(n * n, size=6, replace=False)
+        cache.views[t] = [TileView(0, np.array([t % 4, (t + 1) % 4]), np.array([0, 0, 0, 1, 1, 1]), cols,
+                                   rng.uniform(0.5, 2.0, size=6), d) for d in range(8)]
+    cache.features = [f.expand(-1, 8, -1, -1, -1).clone() for f in cache.features]
+    items = [(t, (3 * t + 1) % 8) for t in range(5)]
+    batch = make_collate(cache)(items)
+    with torch.no_grad():
+        lam = module.decode(list(batch["features"]))
+        got = integrate_spots(lam, batch)
+        at_pixels = integrate_pixels(module.decode_at(list(batch["features"]), batch["pixel_b"],
+                                                      batch["pixel_col"]), batch)
+    want = []
+    for b, (t, v) in enumerate(items):
+        view = cache.views[t][v]
+        back = dihedral_inverse(lam[b], view.dihedral).reshape(lam.shape[1], -1).double().numpy()
+        spots = np.zeros((2, lam.shape[1]))
+        np.add.at(spots, view.rows, back[:, view.cols].T * view.weights[:, None])
+        want.append(spots)
+    np.testing.assert_allclose(got.double().numpy(), np.concatenate(want), rtol=1e-5)
+    np.testing.assert_allclose(at_pixels.double().numpy(), np.concatenate(want), rtol=1e-5)
+    # every covered pixel once
+    assert len(batch["pixel_b"]) == len(set(zip(batch["nnz_b"].tolist(), batch["nnz_col"].tolist(), strict=True)))
+
+
+def test_decode_at_pixels_equals_the_whole_map_there_for_an_ensemble():
+    from pixgene.nn._pixnet import PixNetModule
+
+    module, cache = _stub_training()
+    ensemble = PixNetModule(module.encoder, n_outputs=3, width=8, out_stride=4, window=2, members=3).eval()
+    for _, head in ensemble.pairs():
+        torch.nn.init.normal_(head.out.weight)
+        head.log_scale.uniform_(-1.0, 1.0)
+    feats = [f[:, 0].float() for f in cache.features]
+    b = torch.tensor([0, 0, 2, 4, 4, 1])
+    p = torch.tensor([0, 7, 15, 3, 9, 12])
+    with torch.no_grad():
+        whole = ensemble.decode(feats)
+        at = ensemble.decode_at(feats, b, p)
+    np.testing.assert_allclose(at.numpy(), whole.flatten(2)[b, :, p].numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_channel_layer_norm_is_torchs_layer_norm_over_channels_in_either_layout():
+    from pixgene.nn._decoder import ChannelLayerNorm
+
+    torch.manual_seed(1)
+    norm = ChannelLayerNorm(6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 6, 5, 7) * 3 + 1
+    want = torch.nn.functional.layer_norm(x.double().permute(0, 2, 3, 1), (6,), norm.weight.double(),
+                                          norm.bias.double(), norm.eps).permute(0, 3, 1, 2).detach()
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xi = x.contiguous(memory_format=layout).requires_grad_(True)
+        y = norm(xi)
+        np.testing.assert_allclose(y.detach().double().numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+        (grad,) = torch.autograd.grad((y * torch.arange(y.numel()).reshape(y.shape).sin()).sum(), xi)
+        if layout is torch.contiguous_format:
+            ref = grad
+        else:
+            np.testing.assert_allclose(grad.numpy(), ref.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_vit_training_cache_holds_token_grids_that_expand_to_the_cached_pyramid():

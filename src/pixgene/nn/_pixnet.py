@@ -152,5 +152,18 @@ class PixNetModule(nn.Module):
                 out = out + m.head(m.decoder(features))
         return out.float() / self.n_members if len(self.members) else out.float()
 
+    def decode_at(self, features: list[torch.Tensor], batch_index: torch.Tensor, pixel: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` at the output pixels ``pixel`` (flat, row-major) of images ``batch_index`` only:
+        (P, n_outputs), float32. The decoders still run on the whole maps; the heads run on those pixels alone,
+        which is what training needs where the spots cover part of each tile."""
+        device_type = next(f for f in features if f is not None).device.type
+        out = None
+        with self.autocast(device_type):
+            for decoder, head in self.pairs():
+                x = decoder(features)
+                part = head.forward_pixels(x.flatten(2)[batch_index, :, pixel])
+                out = part if out is None else out + part
+        return out.float() / self.n_members if len(self.members) else out.float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))

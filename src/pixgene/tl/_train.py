@@ -54,8 +54,23 @@ class TileDataset(torch.utils.data.Dataset):
         return t, v
 
 
+def dihedral_sources(n: int, d: int) -> np.ndarray:
+    """``src`` such that pixel ``p`` of ``dihedral_inverse(y, d)`` is pixel ``src[p]`` of an (n, n) map ``y``
+    (flat, row-major indices): the inverse transform applied to the map's own pixel indices."""
+    return dihedral_inverse(torch.arange(n * n).reshape(n, n), d).reshape(-1).numpy()
+
+
 def make_collate(cache: TrainingCache):
+    """Batch of ``(tile, view)`` items: their features (or pixels) and the spot operator of their views.
+
+    A view's operator addresses the output in the tile's own orientation; the network's output for a transformed
+    view is in the transformed one, so each operator's columns are mapped through the view's dihedral
+    (:func:`dihedral_sources`): the spot sums read the same pixels as transforming the output back would, with no
+    transform of the output, in the forward pass or the backward.
+    """
     slides = cache.slides
+    n_out = cache.tile // cache.out_stride
+    sources: dict[int, np.ndarray] = {}
 
     def collate(items):
         # channels-last is the layout oneDNN's CPU convolutions (depthwise above all) run fastest in
@@ -70,27 +85,33 @@ def make_collate(cache: TrainingCache):
             ]
         spot_offset = 0
         nnz_b, nnz_row, nnz_col, nnz_w = [], [], [], []
-        counts, slide_idx, train_mask, dihedrals = [], [], [], []
+        counts, slide_idx, train_mask = [], [], []
         for b, (t, v) in enumerate(items):
             view = cache.views[t][v]
             slide = slides[view.slide]
             nnz_b.append(np.full(len(view.rows), b))
             nnz_row.append(view.rows + spot_offset)
-            nnz_col.append(view.cols)
+            if view.dihedral not in sources:
+                sources[view.dihedral] = dihedral_sources(n_out, view.dihedral)
+            nnz_col.append(sources[view.dihedral][view.cols])
             nnz_w.append(view.weights)
             counts.append(slide.counts[view.spot_ids])
             slide_idx.append(np.full(len(view.spot_ids), slide.slide_index))
             train_mask.append(slide.train_mask[view.spot_ids])
-            dihedrals.append(view.dihedral)
             spot_offset += len(view.spot_ids)
         cat = np.concatenate
+        nnz_b, nnz_col = cat(nnz_b), cat(nnz_col)
+        # the output pixels the spots cover, once each: training evaluates the head there alone
+        pixels, nnz_pixel = np.unique(nnz_b * (n_out * n_out) + nnz_col, return_inverse=True)
         return {
             "features": feats,
             "images": images,
-            "dihedral": dihedrals,
-            "nnz_b": torch.from_numpy(cat(nnz_b)),
+            "nnz_b": torch.from_numpy(nnz_b),
             "nnz_row": torch.from_numpy(cat(nnz_row)),
-            "nnz_col": torch.from_numpy(cat(nnz_col)),
+            "nnz_col": torch.from_numpy(nnz_col),
+            "pixel_b": torch.from_numpy(pixels // (n_out * n_out)),
+            "pixel_col": torch.from_numpy(pixels % (n_out * n_out)),
+            "nnz_pixel": torch.from_numpy(nnz_pixel.reshape(-1)),
             "nnz_w": torch.from_numpy(cat(nnz_w)).float(),
             "counts": torch.from_numpy(cat(counts)).float(),
             "slide": torch.from_numpy(cat(slide_idx)),
@@ -107,6 +128,14 @@ def integrate_spots(lam: torch.Tensor, batch: dict) -> torch.Tensor:
     flat = lam.reshape(b, c, -1)
     contrib = flat[batch["nnz_b"], :, batch["nnz_col"]] * batch["nnz_w"][:, None]
     out = lam.new_zeros((batch["n_spots"], c))
+    return out.index_add_(0, batch["nnz_row"], contrib)
+
+
+def integrate_pixels(lam: torch.Tensor, batch: dict) -> torch.Tensor:
+    """:func:`integrate_spots` from the intensity at the batch's covered pixels only (``lam`` (P, C), in the
+    order of ``batch["pixel_b"]`` / ``batch["pixel_col"]``)."""
+    contrib = lam[batch["nnz_pixel"]] * batch["nnz_w"][:, None]
+    out = lam.new_zeros((batch["n_spots"], lam.shape[1]))
     return out.index_add_(0, batch["nnz_row"], contrib)
 
 
@@ -165,7 +194,7 @@ class PixNetTrainingPlan(L.LightningModule):
         self.encoder = module.encoder if cache.images is not None else None
         # bound methods, not the module: the frozen encoder stays unregistered; decode computes in the model's
         # precision, autocast wraps the fine-tuned encoder in it as well
-        self._decode, self._autocast = module.decode, module.autocast
+        self._decode_at, self._autocast = module.decode_at, module.autocast
         self.loss_weights = loss
         self.lr, self.weight_decay = lr, weight_decay
         n_out = module.head.out.out_channels
@@ -194,9 +223,10 @@ class PixNetTrainingPlan(L.LightningModule):
     def _loss(self, batch, *, train: bool):
         with self._autocast(self.device.type):
             feats = self._features(batch)
-        lam = self._decode(feats)  # as calibrate_scale and prediction compute it
-        lam = torch.stack([dihedral_inverse(lam[i], d) for i, d in enumerate(batch["dihedral"])])
-        pred = integrate_spots(lam, batch)
+        # the intensity where the spots are (the columns follow each view's dihedral); the same function as the
+        # whole map that calibrate_scale and prediction compute
+        lam = self._decode_at(feats, batch["pixel_b"], batch["pixel_col"])
+        pred = integrate_pixels(lam, batch)
         mask = batch["train_mask"] if train else ~batch["train_mask"]
         if not bool(mask.any()):
             return None, {}
@@ -328,16 +358,24 @@ def _quiet_lightning():
 def _restoring_torch_flags():
     """Training runs with ``Trainer(deterministic=True)``, which switches on deterministic algorithms, turns off
     cuDNN benchmarking and sets CUBLAS_WORKSPACE_CONFIG for the whole process; the caller's settings come back
-    afterwards."""
+    afterwards.
+
+    Deterministic algorithms also fill every newly allocated tensor with NaN by default, a guard against reading
+    memory no kernel wrote; nothing in training reads such memory, so the fill is switched off for it: the same
+    results, ~5 % less time per step on a CPU.
+    """
     import os
 
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     benchmark = torch.backends.cudnn.benchmark
     cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
         if cublas is None:
