@@ -19,9 +19,7 @@ intensity map, on tiles of the synthetic demo slide's H&E.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import statistics
 import time
 from pathlib import Path
@@ -155,24 +153,13 @@ def main() -> None:
     parser.add_argument("--predict-px", type=int, default=2048)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("pixgene").setLevel(logging.WARNING)
+    import _report
 
-    import sys
-
-    import torch
-
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    machine = (f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-               f"load average at start {os.getloadavg()[0]:.2f}")
+    _report.setup_logging()
+    started, machine = _report.started(), _report.machine()
     result = run(args.iters, args.batch, args.tile, args.predict_px)
-    result.update(command=" ".join(["python benchmarks/precision.py", *sys.argv[1:]]), started=started,
-                  machine=machine)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "precision.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "precision.md").write_text(render(result))
-    print(render(result))
+    result.update(command=_report.command("precision.py"), started=started, machine=machine)
+    _report.write(args.out, "precision", result, render)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ class ChannelLayerNorm(nn.Module):
     A channels-last tensor (training's layout) goes through the fused ``layer_norm`` kernel on its
     (B, H, W, C) view, which is contiguous: no copy, and a quarter less time per training step than the
     explicit mean and variance. Any other layout is normalised along dim 1 explicitly, which beats permuting
-    it (a copy each way) on a CPU. Both are the same function, equal to float32 rounding.
+    it (a copy each way) on a CPU. Both are the same function, equal to the rounding of the dtype they run in
+    (the fused kernel accumulates bfloat16 inputs in float32, the explicit path rounds each step to bfloat16).
     """
 
     def __init__(self, channels: int, eps: float = 1e-5) -> None:
