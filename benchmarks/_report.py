@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+RESULTS = Path(__file__).parent / "results"
+
 
 def setup_logging() -> None:
     """The script's own progress at INFO; pixgene's at WARNING."""
@@ -50,3 +52,15 @@ def write(out: str | Path, name: str, result: dict, render: Callable[[dict], str
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{name}.md").write_text(render(result))
     print(render(result))
+
+
+def main(name: str, parser, run: Callable, render: Callable[[dict], str]) -> None:
+    """Parse ``parser``'s arguments (with ``--out``, default ``benchmarks/results``), run ``run(args)`` with the
+    start time, machine and command recorded in its result, and write ``<out>/<name>.json`` and ``.md``."""
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    setup_logging()
+    when, where = started(), machine()
+    result = run(args)
+    result.update(command=command(f"{name}.py"), started=when, machine=where)
+    write(args.out, name, result, render)

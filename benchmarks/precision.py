@@ -22,11 +22,9 @@ import argparse
 import logging
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).parent / "results"
 log = logging.getLogger("precision")
 
 
@@ -151,15 +149,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--predict-px", type=int, default=2048)
-    parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args()
     import _report
 
-    _report.setup_logging()
-    started, machine = _report.started(), _report.machine()
-    result = run(args.iters, args.batch, args.tile, args.predict_px)
-    result.update(command=_report.command("precision.py"), started=started, machine=machine)
-    _report.write(args.out, "precision", result, render)
+    _report.main("precision", parser, lambda a: run(a.iters, a.batch, a.tile, a.predict_px), render)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,9 @@ import copy
 import logging
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).parent / "results"
 log = logging.getLogger("train_step")
 
 
@@ -192,15 +190,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--genes", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args()
     import _report
 
-    _report.setup_logging()
-    started, machine = _report.started(), _report.machine()
-    result = run(args.section, args.steps, args.genes, args.seed)
-    result.update(command=_report.command("train_step.py"), started=started, machine=machine)
-    _report.write(args.out, "train_step", result, render)
+    _report.main("train_step", parser, lambda a: run(a.section, a.steps, a.genes, a.seed), render)
 
 
 if __name__ == "__main__":
