@@ -59,16 +59,6 @@ def training_inputs(section: str, n_genes: int, seed: int):
     return captured["module"], captured["cache"], captured["kwargs"]
 
 
-def _explicit_layer_norm(self, x):
-    """ChannelLayerNorm as it was computed in every layout before: mean and variance along dim 1."""
-    import torch
-
-    mean = x.mean(1, keepdim=True)
-    centred = x - mean
-    var = centred.pow(2).mean(1, keepdim=True)
-    return centred * torch.rsqrt(var + self.eps) * self.weight[:, None, None] + self.bias[:, None, None]
-
-
 def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
     import torch
 
@@ -92,26 +82,24 @@ def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
         batch["dihedrals"] = [cache.views[t][v].dihedral for t, v in items]
         batches.append(batch)
 
-    plans, optimisers = {}, {}
+    modules, plans, optimisers = {}, {}, {}
     for name in ("whole map", "covered pixels"):
-        m = copy.deepcopy(module)
-        plans[name] = _train.PixNetTrainingPlan(m, cache, n_slides=kwargs["n_slides"], loss=kwargs["loss"],
-                                                lr=kwargs["lr"], weight_decay=kwargs["weight_decay"])
+        modules[name] = copy.deepcopy(module)
+        plans[name] = _train.PixNetTrainingPlan(modules[name], cache, n_slides=kwargs["n_slides"],
+                                                loss=kwargs["loss"], lr=kwargs["lr"],
+                                                weight_decay=kwargs["weight_decay"])
         plans[name].train()
         optimisers[name] = torch.optim.AdamW([p for p in plans[name].parameters() if p.requires_grad],
                                              lr=kwargs["lr"], weight_decay=kwargs["weight_decay"])
-        if name == "whole map":
-            whole = m
-
-            def decode_whole(features, batch_index, pixel, _m=whole):
-                # the map turned back view by view; integrate_pixels below reads it through the views' columns
-                lam = _m.decode(features)
-                _state["map"] = torch.stack([dihedral_inverse(lam[i], d) for i, d in enumerate(_state["dihedrals"])])
-                return lam.new_zeros(0)
-
-            plans[name]._decode_at = decode_whole
-
     _state: dict = {}
+
+    def decode_whole(features, batch_index, pixel):
+        # the map turned back view by view; integrate_whole below reads it through the views' columns
+        lam = modules["whole map"].decode(features)
+        _state["map"] = torch.stack([dihedral_inverse(lam[i], d) for i, d in enumerate(_state["dihedrals"])])
+        return lam.new_zeros(0)
+
+    plans["whole map"]._decode_at = decode_whole
     fused_layer_norm, integrate_pixels = _decoder.ChannelLayerNorm.forward, _train.integrate_pixels
 
     def integrate_whole(lam, batch):
@@ -119,7 +107,7 @@ def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
 
     def step(name: str, batch: dict) -> tuple[float, float]:
         before = name == "whole map"
-        _decoder.ChannelLayerNorm.forward = _explicit_layer_norm if before else fused_layer_norm
+        _decoder.ChannelLayerNorm.forward = _decoder.ChannelLayerNorm.explicit if before else fused_layer_norm
         _train.integrate_pixels = integrate_whole if before else integrate_pixels
         torch.utils.deterministic.fill_uninitialized_memory = before
         _state["dihedrals"] = batch["dihedrals"]

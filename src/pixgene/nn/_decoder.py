@@ -68,6 +68,10 @@ class ChannelLayerNorm(nn.Module):
         if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last):
             nhwc = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
             return nhwc.permute(0, 3, 1, 2)
+        return self.explicit(x)
+
+    def explicit(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalisation along dim 1 by explicit mean and variance, in any layout."""
         mean = x.mean(1, keepdim=True)
         centred = x - mean
         var = centred.pow(2).mean(1, keepdim=True)

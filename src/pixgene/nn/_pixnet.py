@@ -145,23 +145,25 @@ class PixNetModule(nn.Module):
 
     def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Features as returned by :meth:`encode` (levels not in ``used_levels`` may be ``None``); float32."""
-        device_type = next(f for f in features if f is not None).device.type
-        with self.autocast(device_type):
-            out = self.head(self.decoder(features))
-            for m in self.members:
-                out = out + m.head(m.decoder(features))
-        return out.float() / self.n_members if len(self.members) else out.float()
+        return self._members_mean(features, lambda head, x: head(x))
 
     def decode_at(self, features: list[torch.Tensor], batch_index: torch.Tensor, pixel: torch.Tensor) -> torch.Tensor:
         """:meth:`decode` at the output pixels ``pixel`` (flat, row-major) of images ``batch_index`` only:
         (P, n_outputs), float32. The decoders still run on the whole maps; the heads run on those pixels alone,
         which is what training needs where the spots cover part of each tile."""
+
+        def at_pixels(head, x):
+            return head.forward_pixels(x.flatten(2)[batch_index, :, pixel])
+
+        return self._members_mean(features, at_pixels)
+
+    def _members_mean(self, features: list[torch.Tensor], apply) -> torch.Tensor:
+        """The mean over members of ``apply(head, decoder(features))``, in the model's precision; float32."""
         device_type = next(f for f in features if f is not None).device.type
         out = None
         with self.autocast(device_type):
             for decoder, head in self.pairs():
-                x = decoder(features)
-                part = head.forward_pixels(x.flatten(2)[batch_index, :, pixel])
+                part = apply(head, decoder(features))
                 out = part if out is None else out + part
         return out.float() / self.n_members if len(self.members) else out.float()
 

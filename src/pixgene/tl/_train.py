@@ -125,18 +125,20 @@ def make_collate(cache: TrainingCache):
 def integrate_spots(lam: torch.Tensor, batch: dict) -> torch.Tensor:
     """Expected counts per spot: the intensity summed over the exact disk areas (um^2) of each output pixel."""
     b, c = lam.shape[:2]
-    flat = lam.reshape(b, c, -1)
-    contrib = flat[batch["nnz_b"], :, batch["nnz_col"]] * batch["nnz_w"][:, None]
-    out = lam.new_zeros((batch["n_spots"], c))
-    return out.index_add_(0, batch["nnz_row"], contrib)
+    return _sum_into_spots(lam.reshape(b, c, -1)[batch["nnz_b"], :, batch["nnz_col"]], batch)
 
 
 def integrate_pixels(lam: torch.Tensor, batch: dict) -> torch.Tensor:
     """:func:`integrate_spots` from the intensity at the batch's covered pixels only (``lam`` (P, C), in the
     order of ``batch["pixel_b"]`` / ``batch["pixel_col"]``)."""
-    contrib = lam[batch["nnz_pixel"]] * batch["nnz_w"][:, None]
-    out = lam.new_zeros((batch["n_spots"], lam.shape[1]))
-    return out.index_add_(0, batch["nnz_row"], contrib)
+    return _sum_into_spots(lam[batch["nnz_pixel"]], batch)
+
+
+def _sum_into_spots(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The spot operator applied: ``values`` (one row per nonzero of the operator) times its areas, summed
+    into the batch's spots."""
+    out = values.new_zeros((batch["n_spots"], values.shape[1]))
+    return out.index_add_(0, batch["nnz_row"], values * batch["nnz_w"][:, None])
 
 
 def batch_features(batch: dict, cache: TrainingCache, encoder=None, device=None) -> list:
