@@ -796,6 +796,81 @@ def test_members_module_decodes_the_mean_of_its_members_and_one_member_keeps_the
         PixNetModule(enc, 4, width=16, members=0)
 
 
+def test_fit_on_two_platforms_learns_each_slides_capture_efficiency():
+    """One fit on a Visium-like slide (55 um spots, 100 um pitch) and an ST-like one (100 um spots, 200 um
+    pitch) of the same tissue that captures 0.4 as many molecules per square micron. The decoder sees one
+    image, so only the per-slide factors can tell the slides apart: their ratio must come out as 0.4 (the
+    factors are fitted, not gradient steps, which in a short fit barely leave 1), and one map, at the factors'
+    geometric mean, must explain both slides' measured counts: measured over read-out gene counts differs
+    between the slides by the ratio of their factors."""
+    import pixgene as pg
+
+    genes = ["GENE00", "GENE01", "GENE02"]
+    visium = pg.datasets.synthetic(seed=3, size_um=1024.0)
+    st = pg.datasets.synthetic(seed=3, size_um=1024.0, spot_diameter_um=100.0, spot_pitch_um=200.0,
+                               counts_scale=0.4)
+    model = pg.tl.fit([visium, st], genes=genes, n_views=1, width=8, max_epochs=15, n_members=1, progress=False,
+                      random_state=0)
+    eff = np.asarray(model.training["capture_efficiency"])
+    assert eff.shape == (2,) and np.log(eff).sum() == pytest.approx(0.0, abs=1e-5)
+    assert [s["spot_diameter_um"] for s in model.training["slides"]] == [55.0, 100.0]
+    assert np.log(eff[1] / eff[0]) == pytest.approx(np.log(0.4), abs=0.15)
+    ratio = []
+    for sdata in (visium, st):
+        pg.tl.predict_dense(sdata, model=model, progress=False)
+        table = pg.tl.aggregate(sdata, shapes="spots", inplace=False, progress=False)
+        measured = sdata.tables["table"][:, genes].X
+        ratio.append(measured.sum() / np.asarray(table[:, genes].X).sum())
+    assert np.log(ratio[1] / ratio[0]) == pytest.approx(np.log(eff[1] / eff[0]), abs=0.1)
+
+
+def test_fit_resumes_from_member_checkpoints_to_the_same_model(synthetic_small, tmp_path, monkeypatch):
+    """A fit killed after its first member, called again with the same directory, trains only the second one
+    and ends with the uninterrupted fit's model (same id, history, summaries but for the timings); raising
+    n_members trains only the new members; a directory of another fit stops the fit before any work."""
+    import pixgene as pg
+    import pixgene.tl._train as train_module
+    from conftest import FIT_GENES
+
+    kwargs = dict(genes=FIT_GENES[:3], max_epochs=2, n_views=1, width=8, progress=False, random_state=2)
+    whole = pg.tl.fit(synthetic_small, n_members=2, **kwargs)
+    real_train, calls = train_module.train, []
+
+    def counting(*args, **kw):
+        calls.append(kw["seed"])
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real_train(*args, **kw)
+
+    monkeypatch.setattr(train_module, "train", counting)
+    untimed = lambda d: {k: v for k, v in d.items() if k != "train_s"}  # noqa: E731
+    stop_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        pg.tl.fit(synthetic_small, n_members=2, checkpoint_dir=tmp_path / "ck", **kwargs)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["member_0.json", "member_0.safetensors"]
+    calls.clear()
+    stop_at = 0
+    resumed = pg.tl.fit(synthetic_small, n_members=2, checkpoint_dir=tmp_path / "ck", **kwargs)
+    assert len(calls) == 1 and resumed.model_id == whole.model_id
+    assert resumed.history == whole.history
+    assert [untimed(m) for m in resumed.training["members"]] == [untimed(m) for m in whole.training["members"]]
+    # one member first, then two: only the second is trained
+    calls.clear()
+    pg.tl.fit(synthetic_small, n_members=1, checkpoint_dir=tmp_path / "grow", **kwargs)
+    grown = pg.tl.fit(synthetic_small, n_members=2, checkpoint_dir=tmp_path / "grow", **kwargs)
+    assert len(calls) == 2 and calls[0] == 2 and calls[1] != 2  # member 0's seed, then member 1's
+    assert grown.model_id == whole.model_id
+    # another seed's fit finds member 0 of this one and refuses before training anything
+    calls.clear()
+    before = (tmp_path / "ck" / "member_0.safetensors").read_bytes()
+    with pytest.raises(PixgeneInputError, match=r"checkpoint_dir .*ck.* member 0 of another fit"):
+        pg.tl.fit(synthetic_small, n_members=2, checkpoint_dir=tmp_path / "ck", **{**kwargs, "random_state": 3})
+    assert calls == [] and (tmp_path / "ck" / "member_0.safetensors").read_bytes() == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PixgeneInputError, match="is a file"):
+        pg.tl.fit(synthetic_small, n_members=1, checkpoint_dir=tmp_path / "file", **kwargs)
+
+
 def test_fit_trains_members_apart_and_predicts_their_mean(synthetic_small, tmp_path):
     import pixgene as pg
     from conftest import FIT_GENES

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -50,6 +51,32 @@ def _resolve_genes(genes: Sequence[str] | None, slides: list[SpotSlide]) -> list
     for s in slides:
         check_genes(genes, s.table.var_names, f"table {s.table_key!r}")
     return list(genes)
+
+
+def _member_checkpoints(path, module, tuned_keys: list[str], slides: list[SpotSlide], train_slides: list, *,
+                        image_key: str, genes: list[str], settings: dict):
+    """The fit's :class:`~pixgene.tl._checkpoint.MemberCheckpoints` (existing member files checked before any
+    work): each member's fingerprint covers the slides' data, genes, settings, encoder weights and its own
+    initial weights."""
+    from .. import __version__
+    from ._checkpoint import MemberCheckpoints, member_fingerprint, member_state, slide_digest, state_digest
+
+    common = {
+        "pixgene_version": __version__,
+        "genes": list(genes),
+        "slides": [slide_digest(s.sdata.images[image_key], s.centers, s.radius, t.counts, s.um_per_px)
+                   for s, t in zip(slides, train_slides, strict=True)],
+        "encoder": module.encoder.config(),
+        "encoder_weights": state_digest(module.encoder.state_dict()),
+        "settings": settings,
+    }
+    fingerprints = [member_fingerprint(common, member_state(module.member(k), tuned_keys), k)
+                    for k in range(module.n_members)]
+    checkpoints = MemberCheckpoints(path, fingerprints)
+    done = [k for k in range(module.n_members) if checkpoints.done(k)]
+    if done:
+        logger.info("resuming from %s: member(s) %s of %d trained before", path, done, module.n_members)
+    return checkpoints
 
 
 def _validation_split(n: int, val_fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -151,6 +178,7 @@ def fit(
     n_members: int | None = None,
     precision: str = "auto",
     random_state: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ):
     """Fit PixNet on the measured spots of one slide or a list of slides.
@@ -252,6 +280,14 @@ def fit(
     random_state
         Seed for spot split, views and weights: the same seed gives the same model (on the same kind of
         device and precision).
+    checkpoint_dir
+        Directory (created if missing) where every member is written as soon as it is trained. A fit that
+        stops (killed, out of time) and is called again with the same slides, settings and directory encodes
+        the training tiles again and loads the members it had finished instead of training them: the model is
+        the one an uninterrupted fit makes, to the bit (same model id). A member is loaded only where
+        everything its training depends on is the same (images, spots, counts, genes, settings, seed, encoder
+        weights, precision, kind of device); a member file from another fit stops the fit before any work and
+        is never overwritten. Raising ``n_members`` with the same directory trains only the new members.
 
     Returns
     -------
@@ -376,6 +412,21 @@ def fit(
     if tile % align:
         fail("tile_px", f"{tile} is not a multiple of the encoder's stride {align}", f"Pass a multiple of {align}")
     context = training_context(tile_context_px, module, finetune_levels)
+    tuned_keys = trainable_encoder_keys(module) if finetune_levels else []
+    checkpoints = None
+    if checkpoint_dir is not None:
+        checkpoints = _member_checkpoints(
+            checkpoint_dir, module, tuned_keys, slides, train_slides, image_key=image_key, genes=genes,
+            settings={
+                "encoder_um_per_px": enc_um, "decoder": {k: v for k, v in decoder_config.items() if k != "members"},
+                "tile": tile, "margin": margin, "context": context, "n_views": n_views,
+                "stain_jitter": stain_jitter, "scale_jitter": scale_jitter, "finetune_levels": finetune_levels,
+                "standardize": standardize, "likelihood": likelihood, "loss_weights": weights,
+                "val_fraction": val_fraction, "max_epochs": max_epochs, "patience": patience,
+                "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "ema_decay": ema_decay,
+                "random_state": random_state, "device": work_device,
+            },
+        )
 
     module.to(work_device)
     cache = build_cache(
@@ -409,9 +460,14 @@ def fit(
                                                                                    member_rng))
                                for t in train_slides])
             seed = int(member_rng.integers(2**31 - 1))
+        member = module.member(k)
+        if checkpoints is not None and checkpoints.done(k):
+            member_history, summary = checkpoints.load(k, member, tuned_keys)
+            history += [{**h, "member": k} for h in member_history] if n_members > 1 else member_history
+            summaries.append(summary)
+            continue
         if n_members > 1:
             logger.info("training member %d of %d", k + 1, n_members)
-        member = module.member(k)
         started = time.perf_counter()
         member_history, summary = train(
             member, member_cache, n_slides=len(slides),
@@ -426,6 +482,8 @@ def fit(
             summary["scale_factor"] = calibrate_scale(member, member_cache, batch_size=batch_size)
             logger.info("outputs rescaled by %.4g to the training spots' library sizes", summary["scale_factor"])
         summary["train_s"] = round(time.perf_counter() - started, 1)
+        if checkpoints is not None:
+            checkpoints.save(k, member, tuned_keys, member_history, summary)
         history += [{**h, "member": k} for h in member_history] if n_members > 1 else member_history
         summaries.append(summary)
     summary = dict(summaries[0])
@@ -438,7 +496,7 @@ def fit(
         pooled = pool_stats(slide_stats)
         for dec, _ in module.pairs():
             dec.set_feature_stats(*pooled)
-    finetuned = trainable_encoder_keys(module) if finetune_levels else []
+    finetuned = tuned_keys
     for p in module.encoder.parameters():
         p.requires_grad_(False)
     training = {

@@ -200,7 +200,12 @@ class PixNetTrainingPlan(L.LightningModule):
         self.loss_weights = loss
         self.lr, self.weight_decay = lr, weight_decay
         n_out = module.head.out.out_channels
-        self.log_efficiency = nn.Parameter(torch.zeros(n_slides))
+        # per-slide capture efficiency (log, geometric mean 1): not learned by gradient steps, which move it at
+        # most about the learning rate per step, too slowly for the factors of a few between platforms or
+        # sequencing depths; after every epoch it is set to its maximum-likelihood value given that epoch's
+        # predictions (Poisson, library size: measured over predicted total counts of each slide's spots)
+        self.register_buffer("log_efficiency", torch.zeros(n_slides))
+        self.register_buffer("slide_totals", torch.zeros(2, n_slides, dtype=torch.float64), persistent=False)
         self.log_theta = nn.Parameter(torch.full((n_out,), float(np.log(10.0))))
         self.history: list[dict] = []
         self._epoch_terms: dict[str, list[float]] = {}
@@ -233,6 +238,10 @@ class PixNetTrainingPlan(L.LightningModule):
         if not bool(mask.any()):
             return None, {}
         pred, counts, slide = pred[mask], batch["counts"][mask], batch["slide"][mask]
+        if train and self.log_efficiency.numel() > 1:
+            with torch.no_grad():
+                self.slide_totals[0].index_add_(0, slide, counts[:, -1].double())
+                self.slide_totals[1].index_add_(0, slide, pred[:, -1].double())
         log_eff = self.log_efficiency - self.log_efficiency.mean()
         mu = pred * log_eff.exp()[slide][:, None]
         w = self.loss_weights
@@ -276,6 +285,17 @@ class PixNetTrainingPlan(L.LightningModule):
         # runs after this epoch's validation, so train and validation losses of the same epoch are recorded
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
         self.history.append({"epoch": int(self.current_epoch), **metrics})
+        self.update_efficiency()
+
+    @torch.no_grad()
+    def update_efficiency(self) -> None:
+        """Set each slide's capture efficiency to measured over predicted library size of the training spots
+        seen since the last update (centred: geometric mean 1), and start the sums again."""
+        measured, predicted = self.slide_totals
+        if self.log_efficiency.numel() > 1 and bool((measured > 0).all() and (predicted > 0).all()):
+            log_eff = (measured / predicted).log()
+            self.log_efficiency.copy_(log_eff - log_eff.mean())
+        self.slide_totals.zero_()
 
 
 class KeepBest(L.Callback):

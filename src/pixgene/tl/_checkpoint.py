@@ -1,0 +1,149 @@
+"""Member checkpoints of ``pg.tl.fit(checkpoint_dir=...)``: a fit that stops resumes with the members it finished.
+
+Each trained member is written as ``member_<k>.safetensors`` (its decoder and head, and any fine-tuned encoder
+tensors) and ``member_<k>.json`` (its history and summary), under a fingerprint of everything member ``k``'s
+training depends on: the slides' images, spots and counts, the genes, the fit's settings and seed, the encoder's
+weights, member ``k``'s initial weights, the precision and the kind of device. A fit given the same directory
+loads every member whose fingerprint matches instead of training it again, so the resumed model is the one an
+uninterrupted fit makes, to the bit (the same model id). A member file with another fingerprint is never
+overwritten: the fit stops before any work and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._raster import full_resolution
+from .._validate import fail
+
+logger = logging.getLogger(__name__)
+
+#: rows of the full-resolution image hashed at a time
+_ROWS = 1024
+
+
+def _update_array(h, a: Any) -> None:
+    a = np.ascontiguousarray(np.asarray(a))
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+
+
+def slide_digest(image: Any, centers: np.ndarray, radius: np.ndarray, counts: np.ndarray, um_per_px: float) -> str:
+    """Hash of what training reads from one slide: every pixel of the full-resolution image (in strips), the
+    spots' centres and radii, the counts (genes and library size) and the image's microns per pixel."""
+    h = hashlib.blake2b(digest_size=16)
+    data = full_resolution(image).data
+    _update_array(h, np.asarray(data.shape))
+    for y in range(0, int(data.shape[1]), _ROWS):
+        strip = data[:, y : y + _ROWS]
+        _update_array(h, strip.compute() if hasattr(strip, "compute") else strip)
+    for a in (centers, radius, counts, np.float64(um_per_px)):
+        _update_array(h, a)
+    return h.hexdigest()
+
+
+def state_digest(state: dict) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for k, v in sorted(state.items()):
+        h.update(k.encode())
+        _update_array(h, v.detach().cpu().float().numpy() if v.is_floating_point() else v.detach().cpu().numpy())
+    return h.hexdigest()
+
+
+def member_fingerprint(common: dict, member_state: dict, k: int) -> str:
+    """Fingerprint of member ``k``: the fit's common record (settings, data and encoder digests) and the
+    member's initial weights."""
+    record = {**common, "member": k, "initial_weights": state_digest(member_state)}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def member_state(module, tuned_keys: list[str]) -> dict:
+    """Member ``module``'s (a single-member view) trained tensors: decoder, head and fine-tuned encoder keys."""
+    state = {f"decoder.{k}": v for k, v in module.decoder.state_dict().items()}
+    state.update({f"head.{k}": v for k, v in module.head.state_dict().items()})
+    encoder = module.encoder.state_dict() if tuned_keys else {}
+    state.update({k: encoder[k.removeprefix("encoder.")] for k in tuned_keys})
+    return state
+
+
+class MemberCheckpoints:
+    """The member files in ``path`` for a fit whose members have the given fingerprints."""
+
+    def __init__(self, path: str | os.PathLike, fingerprints: list[str]) -> None:
+        self.path = Path(path)
+        self.fingerprints = fingerprints
+        if self.path.exists() and not self.path.is_dir():
+            fail(f"checkpoint_dir {str(self.path)!r}", "is a file, not a directory",
+                 "Pass a directory (it is created if missing)")
+        for k, want in enumerate(fingerprints):
+            record = self._record(k)
+            if record is not None and record.get("fingerprint") != want:
+                fail(
+                    f"checkpoint_dir {str(self.path)!r}",
+                    f"holds member {k} of another fit (other slides, genes, settings, seed or pixgene version)",
+                    "Pass a new or empty directory, or the data and settings of that fit to resume it",
+                )
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def _files(self, k: int) -> tuple[Path, Path]:
+        return self.path / f"member_{k}.json", self.path / f"member_{k}.safetensors"
+
+    def _record(self, k: int) -> dict | None:
+        meta, weights = self._files(k)
+        if not meta.is_file():
+            return None
+        try:
+            record = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            fail(f"checkpoint_dir {str(self.path)!r}", f"{meta.name} is not readable JSON",
+                 "Delete that member's two files to train it again, or pass another directory")
+        if not weights.is_file():
+            fail(f"checkpoint_dir {str(self.path)!r}", f"{meta.name} has no {weights.name}",
+                 "Delete that member's files to train it again, or pass another directory")
+        return record
+
+    def done(self, k: int) -> bool:
+        return self._record(k) is not None
+
+    def load(self, k: int, module, tuned_keys: list[str]) -> tuple[list[dict], dict]:
+        """Put member ``k``'s saved tensors into ``module`` (its single-member view); its history and summary."""
+        from safetensors.torch import load_file
+
+        meta, weights = self._files(k)
+        record = self._record(k)
+        state = load_file(str(weights))
+        want = member_state(module, tuned_keys)
+        if set(state) != set(want) or any(state[n].shape != want[n].shape for n in want):
+            fail(f"checkpoint_dir {str(self.path)!r}", f"{weights.name} does not fit member {k}'s architecture",
+                 "Delete that member's files to train it again, or pass another directory")
+        with_prefix = {"decoder.": module.decoder, "head.": module.head, "encoder.": module.encoder}
+        for prefix, part in with_prefix.items():
+            sub = {n.removeprefix(prefix): v for n, v in state.items() if n.startswith(prefix)}
+            if sub:
+                part.load_state_dict(sub, strict=prefix != "encoder.")
+        logger.info("member %d loaded from %s (trained before; not trained again)", k, weights)
+        return record["history"], record["summary"]
+
+    def save(self, k: int, module, tuned_keys: list[str], history: list[dict], summary: dict) -> None:
+        """Write member ``k`` (weights first, then the record that marks it complete; each file atomically)."""
+        from safetensors.torch import save_file
+
+        from ._model import _json_default
+
+        meta, weights = self._files(k)
+        state = {n: v.detach().cpu().contiguous() for n, v in member_state(module, tuned_keys).items()}
+        tmp = weights.with_name(weights.name + ".tmp")
+        save_file(state, str(tmp), metadata={"fingerprint": self.fingerprints[k]})
+        os.replace(tmp, weights)
+        record = {"fingerprint": self.fingerprints[k], "member": k, "history": history, "summary": summary}
+        tmp = meta.with_name(meta.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1, default=_json_default))
+        os.replace(tmp, meta)
+        logger.info("member %d saved to %s", k, weights)
