@@ -22,6 +22,7 @@ import numpy as np
 
 from .._raster import full_resolution
 from .._validate import fail
+from ._model import _json_default, trained_state
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +60,9 @@ def state_digest(state: dict) -> str:
 
 def member_fingerprint(common: dict, member_state: dict, k: int) -> str:
     """Fingerprint of member ``k``: the fit's common record (settings, data and encoder digests) and the
-    member's initial weights."""
+    member's initial weights (``member_state``: :func:`~pixgene.tl._model.trained_state` of its view)."""
     record = {**common, "member": k, "initial_weights": state_digest(member_state)}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def member_state(module, tuned_keys: list[str]) -> dict:
-    """Member ``module``'s (a single-member view) trained tensors: decoder, head and fine-tuned encoder keys."""
-    state = {f"decoder.{k}": v for k, v in module.decoder.state_dict().items()}
-    state.update({f"head.{k}": v for k, v in module.head.state_dict().items()})
-    encoder = module.encoder.state_dict() if tuned_keys else {}
-    state.update({k: encoder[k.removeprefix("encoder.")] for k in tuned_keys})
-    return state
 
 
 class MemberCheckpoints:
@@ -119,15 +111,11 @@ class MemberCheckpoints:
         meta, weights = self._files(k)
         record = self._record(k)
         state = load_file(str(weights))
-        want = member_state(module, tuned_keys)
+        want = trained_state(module, tuned_keys)
         if set(state) != set(want) or any(state[n].shape != want[n].shape for n in want):
             fail(f"checkpoint_dir {str(self.path)!r}", f"{weights.name} does not fit member {k}'s architecture",
                  "Delete that member's files to train it again, or pass another directory")
-        with_prefix = {"decoder.": module.decoder, "head.": module.head, "encoder.": module.encoder}
-        for prefix, part in with_prefix.items():
-            sub = {n.removeprefix(prefix): v for n, v in state.items() if n.startswith(prefix)}
-            if sub:
-                part.load_state_dict(sub, strict=prefix != "encoder.")
+        module.load_state_dict(state, strict=False)  # the frozen encoder's tensors are not in the file
         logger.info("member %d loaded from %s (trained before; not trained again)", k, weights)
         return record["history"], record["summary"]
 
@@ -135,10 +123,8 @@ class MemberCheckpoints:
         """Write member ``k`` (weights first, then the record that marks it complete; each file atomically)."""
         from safetensors.torch import save_file
 
-        from ._model import _json_default
-
         meta, weights = self._files(k)
-        state = {n: v.detach().cpu().contiguous() for n, v in member_state(module, tuned_keys).items()}
+        state = {n: v.detach().cpu().contiguous() for n, v in trained_state(module, tuned_keys).items()}
         tmp = weights.with_name(weights.name + ".tmp")
         save_file(state, str(tmp), metadata={"fingerprint": self.fingerprints[k]})
         os.replace(tmp, weights)

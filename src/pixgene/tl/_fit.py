@@ -59,7 +59,8 @@ def _member_checkpoints(path, module, tuned_keys: list[str], slides: list[SpotSl
     work): each member's fingerprint covers the slides' data, genes, settings, encoder weights and its own
     initial weights."""
     from .. import __version__
-    from ._checkpoint import MemberCheckpoints, member_fingerprint, member_state, slide_digest, state_digest
+    from ._checkpoint import MemberCheckpoints, member_fingerprint, slide_digest, state_digest
+    from ._model import trained_state
 
     common = {
         "pixgene_version": __version__,
@@ -70,7 +71,7 @@ def _member_checkpoints(path, module, tuned_keys: list[str], slides: list[SpotSl
         "encoder_weights": state_digest(module.encoder.state_dict()),
         "settings": settings,
     }
-    fingerprints = [member_fingerprint(common, member_state(module.member(k), tuned_keys), k)
+    fingerprints = [member_fingerprint(common, trained_state(module.member(k), tuned_keys), k)
                     for k in range(module.n_members)]
     checkpoints = MemberCheckpoints(path, fingerprints)
     done = [k for k in range(module.n_members) if checkpoints.done(k)]
@@ -463,27 +464,27 @@ def fit(
         member = module.member(k)
         if checkpoints is not None and checkpoints.done(k):
             member_history, summary = checkpoints.load(k, member, tuned_keys)
-            history += [{**h, "member": k} for h in member_history] if n_members > 1 else member_history
-            summaries.append(summary)
-            continue
-        if n_members > 1:
-            logger.info("training member %d of %d", k + 1, n_members)
-        started = time.perf_counter()
-        member_history, summary = train(
-            member, member_cache, n_slides=len(slides),
-            loss=LossWeights(weights["count"], weights["total"], weights["mse"], weights["pearson"], likelihood),
-            max_epochs=max_epochs, patience=patience, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-            seed=seed, progress=progress, ema_decay=ema_decay,
-        )
-        if weights["count"] == 0 and weights["total"] == 0:
-            # no count likelihood fixed the outputs' common scale: take it from the training spots' library
-            # sizes; training leaves decoder and head on the CPU; the encoder runs here again if fine-tuned
-            module.to(work_device).eval()
-            summary["scale_factor"] = calibrate_scale(member, member_cache, batch_size=batch_size)
-            logger.info("outputs rescaled by %.4g to the training spots' library sizes", summary["scale_factor"])
-        summary["train_s"] = round(time.perf_counter() - started, 1)
-        if checkpoints is not None:
-            checkpoints.save(k, member, tuned_keys, member_history, summary)
+        else:
+            if n_members > 1:
+                logger.info("training member %d of %d", k + 1, n_members)
+            started = time.perf_counter()
+            member_history, summary = train(
+                member, member_cache, n_slides=len(slides),
+                loss=LossWeights(weights["count"], weights["total"], weights["mse"], weights["pearson"],
+                                 likelihood),
+                max_epochs=max_epochs, patience=patience, batch_size=batch_size, lr=lr,
+                weight_decay=weight_decay, seed=seed, progress=progress, ema_decay=ema_decay,
+            )
+            if weights["count"] == 0 and weights["total"] == 0:
+                # no count likelihood fixed the outputs' common scale: take it from the training spots' library
+                # sizes; training leaves decoder and head on the CPU; the encoder runs here again if fine-tuned
+                module.to(work_device).eval()
+                summary["scale_factor"] = calibrate_scale(member, member_cache, batch_size=batch_size)
+                logger.info("outputs rescaled by %.4g to the training spots' library sizes",
+                            summary["scale_factor"])
+            summary["train_s"] = round(time.perf_counter() - started, 1)
+            if checkpoints is not None:
+                checkpoints.save(k, member, tuned_keys, member_history, summary)
         history += [{**h, "member": k} for h in member_history] if n_members > 1 else member_history
         summaries.append(summary)
     summary = dict(summaries[0])

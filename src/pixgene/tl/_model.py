@@ -87,8 +87,7 @@ class PixNet:
         return self.module.alignment
 
     def _trained_state(self) -> dict:
-        keep = set(self.finetuned)
-        return {k: v for k, v in self.module.state_dict().items() if not k.startswith("encoder.") or k in keep}
+        return trained_state(self.module, self.finetuned)
 
     @property
     def model_id(self) -> str:
@@ -265,6 +264,13 @@ class PixNet:
         if model.model_id != config.get("model_id"):
             fail(f"model {str(path)!r}", "weights do not match the recorded model_id", "The files were altered; re-save")
         return model
+
+
+def trained_state(module, finetuned: list[str]) -> dict:
+    """The tensors of ``module`` that training made: everything but the encoder, and the encoder's ``finetuned``
+    keys (what a saved model and a member checkpoint hold)."""
+    keep = set(finetuned)
+    return {k: v for k, v in module.state_dict().items() if not k.startswith("encoder.") or k in keep}
 
 
 def legacy_encoder_config(config: dict) -> dict:
