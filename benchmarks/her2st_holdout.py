@@ -33,7 +33,9 @@ def main() -> None:
         write_markdown(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".md"))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import _report
 
+    started, machine = _report.started(), _report.machine()
     load_start = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
     train = [pg.datasets.her2st(s) for s in args.train]
@@ -58,6 +60,7 @@ def main() -> None:
     print(f"{s['PCC@F']:.3f}   {s['PCC@S']:.3f}   {s['PCC@M']:.3f}   {s['MSE']:.4f}  {s['MAE']:.4f}  "
           f"{t_fit:5.0f}  {t_predict:9.0f}  {total:7.0f}")
     result = {
+        "command": _report.command("her2st_holdout.py"), "started": started, "machine": machine,
         "train": args.train, "test": args.test, "genes": genes, "seed": args.seed, "model_id": model.model_id,
         "scores": s, "per_gene_pearson": scores.per_gene["pearson"].round(4).to_dict(),
         "timings_s": {"read": round(t_read, 1), "fit": round(t_fit, 1), "predict_and_aggregate": round(t_predict, 1),
@@ -65,6 +68,7 @@ def main() -> None:
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
         "training": {k: model.training[k] for k in ("best_epoch", "best_val_loss", "epochs_run", "n_tiles",
                                                   "capture_efficiency")},
+        "members": [{k: m[k] for k in ("best_epoch", "epochs_run")} for m in model.training.get("members", [])],
         "fit_params": model.training["params"],
         "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]},
     }
@@ -78,21 +82,25 @@ def write_markdown(r: dict, path: Path) -> None:
     s, t, tr = r["scores"], r["timings_s"], r["training"]
     p = r.get("fit_params", {})
     load = r.get("load_average")
+    members = r.get("members") or [tr]
+    epochs = ", ".join(f"{m['best_epoch']} / {m['epochs_run']}" for m in members)
     lines = [
         f"# her2st hold-out: fit on {' + '.join(r['train'])}, score {r['test']} spots", "",
         "`python benchmarks/her2st_holdout.py`: the library's defaults (frozen EfficientNet-Lite0, fusion decoder,"
         f" {p.get('n_views', '?')} views per tile, at most {p.get('max_epochs', '?')} epochs, patience "
-        f"{p.get('patience', '?')}), nothing chosen on the test section. Genes: the top-{len(r['genes'])} highly "
+        f"{p.get('patience', '?')}, {len(members)} decoder{'s' if len(members) > 1 else ''}), nothing chosen on the test section. Genes: the top-{len(r['genes'])} highly "
         "variable genes of the training sections only. Targets: log1p(1e4 x / total) per spot.", "",
-        "| test | PCC@F | PCC@S | PCC@M | MSE | MAE | best epoch / run | fit s | predict + aggregate s | total s |"
+        "| test | PCC@F | PCC@S | PCC@M | MSE | MAE | best epoch / run (each member) | fit s | predict + aggregate s | total s |"
         " peak RSS GB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {r['test']} | {s['PCC@F']:.3f} | {s['PCC@S']:.3f} | {s['PCC@M']:.3f} | {s['MSE']:.3f} | {s['MAE']:.3f} "
-        f"| {tr['best_epoch']} / {tr['epochs_run']} | {t['fit']:.0f} | {t['predict_and_aggregate']:.0f} "
+        f"| {epochs} | {t['fit']:.0f} | {t['predict_and_aggregate']:.0f} "
         f"| {t['total']:.0f} | {r['peak_rss_gb']} |", "",
         "Reference floor from DESIGN.md (ridge on PCA of the same encoder's spot-patch embeddings, test C5): "
         "PCC@M 0.097. The side-by-side comparison with baselines is `benchmarks/accuracy.py`.",
     ]
+    if r.get("started"):
+        lines += ["", f"`{r['command']}` started {r['started']}; {r['machine']}."]
     if r.get("notes"):
         lines += ["", r["notes"]]
     if load:
