@@ -95,3 +95,56 @@ def test_evaluate_needs_exactly_one_reference(fitted_session):
     sdata, _ = fitted_session
     with pytest.raises(PixgeneInputError, match="exactly one reference"):
         pg.tl.evaluate(sdata, predicted="table")
+
+
+def test_log_normalize_matches_scanpy_and_evaluate(fitted_session, caplog):
+    import anndata as ad
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    sdata, model = fitted_session
+    if "he_pixgene" not in sdata.images:
+        pg.tl.predict_dense(sdata, model, progress=False)
+    pred = pg.tl.aggregate(sdata, shapes="spots", dense_key="he_pixgene", key_added="spots_lognorm",
+                           overwrite=True, progress=False)
+    # measured raw counts, sparse, by their own row sums: scanpy's normalize_total + log1p
+    measured = sdata.tables["table"].copy()
+    measured.X = sp.csr_matrix(measured.X)
+    pg.pp.log_normalize(measured, total=None)
+    ref = measured.copy()
+    sc.pp.normalize_total(ref, target_sum=1e4)
+    sc.pp.log1p(ref)
+    assert sp.issparse(measured.layers["pixgene_lognorm"])
+    np.testing.assert_allclose(measured.layers["pixgene_lognorm"].toarray(), ref.X.toarray(), rtol=1e-5, atol=1e-6)
+    # a read-out by its predicted library size: scanpy's log1p of X scaled row by row by hand
+    pg.pp.log_normalize(pred)
+    by_hand = ad.AnnData(pred.X * (1e4 / pred.obs["pixgene_total_counts"].to_numpy()[:, None]))
+    sc.pp.log1p(by_hand)
+    np.testing.assert_allclose(pred.layers["pixgene_lognorm"], by_hand.X, rtol=1e-5, atol=1e-6)
+    # Pearson of the two layers per gene is what pg.tl.evaluate reports
+    scores = pg.tl.evaluate(sdata, predicted="spots_lognorm", measured="table", genes=model.genes, inplace=False)
+    order = pd.Index(measured.obs["instance_id"].astype(str)).get_indexer(pred.obs["instance_id"].astype(str))
+    mt = measured[order][:, model.genes].layers["pixgene_lognorm"].toarray()
+    pt = pred[:, model.genes].layers["pixgene_lognorm"]
+    ref_r = [scipy.stats.pearsonr(pt[:, g], mt[:, g])[0] for g in range(len(model.genes))]
+    np.testing.assert_allclose(scores.per_gene["pearson"].to_numpy(), ref_r, rtol=1e-4)
+    # nothing is replaced unless asked; inplace=False only returns
+    with pytest.raises(PixgeneInputError, match="already exists"):
+        pg.pp.log_normalize(pred)
+    again = pg.pp.log_normalize(pred, target_sum=100.0, inplace=False)
+    np.testing.assert_allclose(again, np.log1p(pred.X * (100.0 / pred.obs["pixgene_total_counts"].to_numpy()[:, None])),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pred.layers["pixgene_lognorm"], by_hand.X, rtol=1e-5, atol=1e-6)
+    # rows off the map stay zero, with a warning; bad input fails before any work
+    off = pred.copy()
+    off.obs.loc[off.obs_names[0], "pixgene_total_counts"] = 0.0
+    with caplog.at_level("WARNING", logger="pixgene"):
+        out = pg.pp.log_normalize(off, inplace=False)
+    assert not out[0].any() and "1 of" in caplog.text
+    with pytest.raises(PixgeneInputError, match="obs column 'library'"):
+        pg.pp.log_normalize(pred, total="library")
+    off.obs.loc[off.obs_names[0], "pixgene_total_counts"] = -1.0
+    with pytest.raises(PixgeneInputError, match="negative or non-finite"):
+        pg.pp.log_normalize(off, overwrite=True)
+    with pytest.raises(PixgeneInputError, match="target_sum"):
+        pg.pp.log_normalize(pred, target_sum=0, inplace=False)

@@ -57,9 +57,8 @@ def test_bins_partition_the_map_and_feed_scanpy(predicted):
     np.testing.assert_allclose(np.asarray(bins.X.sum(0)).ravel(), lam[:-1].sum((1, 2)) * 16.0, rtol=1e-4)
     assert np.allclose(bins.obs["pixgene_area_um2"], 64.0)
     keep = bins[bins.obs["pixgene_total_counts"] > 1e-3].copy()
-    sc.pp.normalize_total(keep)
-    sc.pp.log1p(keep)
-    sc.pp.pca(keep, n_comps=3)
+    pg.pp.log_normalize(keep)  # the README's route: by the predicted library size
+    sc.pp.pca(keep, n_comps=3, layer="pixgene_lognorm")
     sc.pp.neighbors(keep, n_neighbors=10)
     sc.tl.leiden(keep, flavor="igraph", n_iterations=2, directed=False)
     assert keep.obs["leiden"].nunique() >= 2

@@ -44,8 +44,10 @@ def aggregate(
 
     The map (counts per um^2, piecewise constant on its pixels) is integrated over circles, polygons
     (holes included) or the regions of a labels raster, exactly, block by block, so maps far larger than
-    memory work. Overlapping shapes each get their full integral. Normalise after aggregating (for example
-    ``sc.pp.normalize_total`` then ``sc.pp.log1p``), as for measured counts.
+    memory work. Overlapping shapes each get their full integral. Normalise after aggregating, by the
+    predicted library size: :func:`pixgene.pp.log_normalize` (``log1p(1e4 x / obs["pixgene_total_counts"])``,
+    as :func:`pixgene.tl.evaluate` compares with measured data). ``sc.pp.normalize_total`` would divide by the
+    sum of the modelled genes, which is not a library size and scores lower.
 
     Parameters
     ----------
