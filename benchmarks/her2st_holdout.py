@@ -88,10 +88,11 @@ def write_markdown(r: dict, path: Path) -> None:
         f"# her2st hold-out: fit on {' + '.join(r['train'])}, score {r['test']} spots", "",
         "`python benchmarks/her2st_holdout.py`: the library's defaults (frozen EfficientNet-Lite0, fusion decoder,"
         f" {p.get('n_views', '?')} views per tile, at most {p.get('max_epochs', '?')} epochs, patience "
-        f"{p.get('patience', '?')}, {len(members)} decoder{'s' if len(members) > 1 else ''}), nothing chosen on the test section. Genes: the top-{len(r['genes'])} highly "
-        "variable genes of the training sections only. Targets: log1p(1e4 x / total) per spot.", "",
-        "| test | PCC@F | PCC@S | PCC@M | MSE | MAE | best epoch / run (each member) | fit s | predict + aggregate s | total s |"
-        " peak RSS GB |",
+        f"{p.get('patience', '?')}, {len(members)} decoder{'s' if len(members) > 1 else ''}), nothing chosen on "
+        f"the test section. Genes: the top-{len(r['genes'])} highly variable genes of the training sections "
+        "only. Targets: log1p(1e4 x / total) per spot.", "",
+        "| test | PCC@F | PCC@S | PCC@M | MSE | MAE | best epoch / run (each member) | fit s | predict + aggregate s "
+        "| total s | peak RSS GB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {r['test']} | {s['PCC@F']:.3f} | {s['PCC@S']:.3f} | {s['PCC@M']:.3f} | {s['MSE']:.3f} | {s['MAE']:.3f} "
         f"| {epochs} | {t['fit']:.0f} | {t['predict_and_aggregate']:.0f} "

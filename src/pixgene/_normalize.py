@@ -7,7 +7,8 @@ import numpy as np
 NORMALIZE_TARGET = 1e4
 
 
-def log_normalize_np(counts: np.ndarray, totals: np.ndarray, target_sum: float = NORMALIZE_TARGET) -> np.ndarray:
+def log_normalize_np(counts: np.ndarray, totals: np.ndarray,
+                     target_sum: float = NORMALIZE_TARGET) -> np.ndarray:
     """log1p(target_sum * counts / total) per row; rows with a zero total stay zero."""
     return np.log1p(counts * row_scale(totals, target_sum)[:, None])
 

@@ -1,4 +1,4 @@
-"""``pg.pp.log_normalize``: log-normalise a read-out table by its predicted library size (or counts by their own)."""
+"""``pg.pp.log_normalize``: a read-out table log-normalised by its predicted library size."""
 
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ def log_normalize(
     """``log1p(target_sum * x / total)`` per row, with each row's library size taken from ``obs[total]``.
 
     A read-out table of :func:`pixgene.tl.aggregate` holds expected counts of the modelled genes only, so
-    scanpy's ``sc.pp.normalize_total`` would divide them by their own sum, which is not a library size. Its
-    ``obs["pixgene_total_counts"]`` is the model's predicted library size, the normaliser the model was trained
-    with: normalising by it is how :func:`pixgene.tl.evaluate` compares read-outs with measured data, and it
-    scores higher than the genes' own sum (``benchmarks/results/library_size.md``: on a section the model had
-    not seen, PCC@M 0.503 against 0.460 on st_mob, 0.176 against 0.147 on her2st). It is a normaliser, not a
-    calibrated count (docs/concepts.md).
+    scanpy's ``sc.pp.normalize_total`` would divide them by their own sum, which is not a library size.
+    Its ``obs["pixgene_total_counts"]`` is the model's predicted library size, the normaliser the model was
+    trained with: normalising by it is how :func:`pixgene.tl.evaluate` compares read-outs with measured data,
+    and it scores higher than the genes' own sum (``benchmarks/results/library_size.md``: on a section the
+    model had not seen, PCC@M 0.503 against 0.460 on st_mob, 0.176 against 0.147 on her2st). It is a
+    normaliser, not a calibrated count (docs/concepts.md).
 
     Parameters
     ----------
@@ -65,8 +65,8 @@ def log_normalize(
         if total not in adata.obs:
             have = ", ".join(map(repr, adata.obs.columns)) or "none"
             fail(f"obs column {total!r}", f"not found (the table's obs columns are: {have})",
-                 "Pass a read-out table of pg.tl.aggregate from a map with the total channel, or total=None to "
-                 "normalise raw counts by their row sums")
+                 "Pass a read-out table of pg.tl.aggregate from a map with the total channel, or "
+                 "total=None to normalise raw counts by their row sums")
         totals = np.asarray(adata.obs[total], dtype=np.float64)
         where = f"obs[{total!r}]"
     if not np.isfinite(totals).all() or (totals < 0).any():
