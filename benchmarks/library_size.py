@@ -33,12 +33,6 @@ PAIRS = ("st_mob:MOB2:MOB3", "st_mob:MOB3:MOB2", "her2st:C2+C3:C4")
 N_GENES = 50
 
 
-def _load(dataset: str, section: str):
-    import pixgene as pg
-
-    return pg.datasets.her2st(section) if dataset == "her2st" else pg.datasets.st_mob(section)
-
-
 def _counts(table, genes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(spots, genes) counts of ``genes`` and every spot's total over all genes of the table, float64."""
     import scipy.sparse as sp
@@ -56,14 +50,14 @@ def _pcc(pred: np.ndarray, truth: np.ndarray, genes: list[str]) -> list[float]:
 
 
 def run_pair(pair: str, seed: int) -> dict:
-    import pandas as pd
+    from accuracy import _align, load_section
 
     import pixgene as pg
     from pixgene._normalize import log_normalize_np
 
     dataset, train, test = pair.split(":")
-    train_sdatas = [_load(dataset, s) for s in train.split("+")]
-    new = _load(dataset, test)
+    train_sdatas = [load_section(dataset, s) for s in train.split("+")]
+    new = load_section(dataset, test)
     genes = pg.pp.select_genes(train_sdatas, n_top=N_GENES, inplace=False)
     t0 = time.perf_counter()
     model = pg.tl.fit(train_sdatas, genes=genes, n_members=1, random_state=seed, progress=False)
@@ -72,9 +66,7 @@ def run_pair(pair: str, seed: int) -> dict:
     table = pg.tl.aggregate(new, shapes="spots", dense_key="he_pixgene", key_added="spots_pixgene",
                             overwrite=True, progress=False)
     measured = new.tables["table"]
-    pid = table.obs[table.uns["spatialdata_attrs"]["instance_key"]].astype(str).to_numpy()
-    mid = measured.obs[measured.uns["spatialdata_attrs"]["instance_key"]].astype(str).to_numpy()
-    order = pd.Series(np.arange(len(pid)), index=pid).loc[mid].to_numpy()
+    order = _align(table, measured)
     pred = np.asarray(table[:, genes].X, dtype=np.float64)[order]
     pred_total = table.obs["pixgene_total_counts"].to_numpy(dtype=np.float64)[order]
     x, total = _counts(measured, genes)
