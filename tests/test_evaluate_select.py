@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -89,6 +91,27 @@ def test_evaluate_against_measured_normalises_like_scanpy(fitted_session):
     ref = [scipy.stats.pearsonr(p.X[:, g], mt[:, g])[0] for g in range(len(model.genes))]
     np.testing.assert_allclose(scores.per_gene["pearson"].to_numpy(), ref, rtol=1e-6)
     assert sdata.tables["spots_eval"].uns["pixgene"]["evaluation"]["measured:table"]["PCC@M"] == scores.summary["PCC@M"]
+
+
+def test_evaluate_without_library_size_warns_and_uses_the_gene_sum(fitted_session, caplog):
+    sdata, model = fitted_session
+    if "he_pixgene" not in sdata.images:
+        pg.tl.predict_dense(sdata, model, progress=False)
+    pred = pg.tl.aggregate(sdata, shapes="spots", dense_key="he_pixgene", key_added="spots_nototal",
+                           overwrite=True, progress=False)
+    del pred.obs["pixgene_total_counts"]
+    with caplog.at_level(logging.WARNING, logger="pixgene"):
+        scores = pg.tl.evaluate(sdata, predicted="spots_nototal", measured="table", genes=model.genes,
+                                inplace=False)
+    assert any("no 'pixgene_total_counts' column" in r.getMessage() for r in caplog.records)
+    measured = sdata.tables["table"]
+    order = pd.Index(measured.obs["instance_id"].astype(str)).get_indexer(pred.obs["instance_id"].astype(str))
+    x = np.asarray(measured.X.todense() if hasattr(measured.X, "todense") else measured.X, dtype=float)[order]
+    t = np.log1p(1e4 * x[:, [measured.var_names.get_loc(g) for g in model.genes]] / x.sum(1, keepdims=True))
+    p = np.asarray(pred[:, model.genes].X, dtype=float)
+    p = np.log1p(1e4 * p / p.sum(1, keepdims=True))
+    ref = [scipy.stats.pearsonr(p[:, g], t[:, g])[0] for g in range(len(model.genes))]
+    np.testing.assert_allclose(scores.per_gene["pearson"].to_numpy(), ref, rtol=1e-6)
 
 
 def test_evaluate_needs_exactly_one_reference(fitted_session):

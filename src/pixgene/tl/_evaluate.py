@@ -96,7 +96,8 @@ def evaluate(
         Genes to score; default: all genes of ``predicted`` present in the reference.
     normalize
         Compare ``log1p(1e4 * x / total)`` per shape (measured total = all genes of the table; predicted and
-        truth totals = their ``pixgene_total_counts``). ``False`` compares the raw expected counts.
+        truth totals = their ``pixgene_total_counts``; where a table or map lacks it, the sum of the scored
+        genes, with a warning). ``False`` compares the raw expected counts.
     inplace
         Store the summary under ``sdata.tables[predicted].uns["pixgene"]["evaluation"]``.
 
@@ -143,8 +144,15 @@ def evaluate(
     p = _dense(pred_rows[:, genes].X).astype(np.float64)
     t = _dense(ref_rows[:, genes].X).astype(np.float64)
     if normalize:
-        p_total = pred_rows.obs[TOTAL_OBS].to_numpy(float) if TOTAL_OBS in pred_rows.obs else p.sum(1)
+        if TOTAL_OBS in pred_rows.obs:
+            p_total = pred_rows.obs[TOTAL_OBS].to_numpy(float)
+        else:
+            logger.warning("table %r has no %r column: its rows are normalised by the sum of the %d scored genes "
+                           "instead (read-outs of pg.tl.aggregate carry it)", predicted, TOTAL_OBS, len(genes))
+            p_total = p.sum(1)
         if ref_total is None:
+            logger.warning("%s has no %r channel: its rows are normalised by the sum of the %d scored genes",
+                           label, TOTAL_OBS, len(genes))
             ref_total = t.sum(1)
         p, t = log_normalize_np(p, p_total), log_normalize_np(t, np.asarray(ref_total, float))
     scores = score_matrices(p, t, list(genes))
