@@ -871,6 +871,55 @@ def test_fit_resumes_from_member_checkpoints_to_the_same_model(synthetic_small, 
         pg.tl.fit(synthetic_small, n_members=1, checkpoint_dir=tmp_path / "file", **kwargs)
 
 
+def test_fit_shares_encoded_tiles_through_a_feature_cache(synthetic_small, tmp_path, monkeypatch):
+    """A second fit with the same encoding settings loads the first one's features instead of encoding (the
+    encoder never runs) and makes the model a fit without the cache makes, to the bit, whatever its decoder;
+    other encoding settings get a file of their own; bad arguments fail before any work."""
+    import pixgene as pg
+    from conftest import FIT_GENES
+    from pixgene.nn._pixnet import PixNetModule
+    from pixgene.tl._feature_cache import FeatureCache
+
+    kwargs = dict(genes=FIT_GENES[:3], max_epochs=2, n_views=2, width=8, progress=False, random_state=4,
+                  n_members=1)
+    cache = tmp_path / "features"
+    plain = pg.tl.fit(synthetic_small, **kwargs)
+    first = pg.tl.fit(synthetic_small, feature_cache=cache, **kwargs)
+    files = sorted(cache.iterdir())
+    assert [p.suffix for p in files] == [".safetensors"] and first.model_id == plain.model_id
+    from safetensors.torch import load_file
+
+    saved = load_file(str(files[0]))
+    assert all(v.shape[:2] == (plain.training["n_tiles"], 2) for v in saved.values())
+
+    # images the encoder sees: the slide's statistics tiles, and the training tiles unless they are loaded
+    encoded, real_encode = [], PixNetModule.encode
+    monkeypatch.setattr(PixNetModule, "encode", lambda self, x: encoded.append(len(x)) or real_encode(self, x))
+    conv_plain = pg.tl.fit(synthetic_small, **{**kwargs, "decoder": "conv"})
+    without = sum(encoded)
+    encoded.clear()
+    again = pg.tl.fit(synthetic_small, feature_cache=cache, **kwargs)
+    assert without - sum(encoded) == plain.training["n_tiles"] * 2 and again.model_id == plain.model_id
+    encoded.clear()
+    conv = pg.tl.fit(synthetic_small, feature_cache=cache, **{**kwargs, "decoder": "conv"})
+    assert without - sum(encoded) == plain.training["n_tiles"] * 2 and conv.model_id == conv_plain.model_id
+    assert sorted(cache.iterdir()) == files
+    monkeypatch.setattr(PixNetModule, "encode", real_encode)
+    # what the features depend on gets its own file; the first one is left as it was
+    pg.tl.fit(synthetic_small, feature_cache=cache, **{**kwargs, "stain_jitter": 0.0})
+    assert len(list(cache.iterdir())) == 2 and files[0].read_bytes() == (cache / files[0].name).read_bytes()
+    # a damaged file is named, not used
+    broken = FeatureCache(cache, "0" * 32)
+    broken.file.write_bytes(b"not a safetensors file")
+    with pytest.raises(PixgeneInputError, match="is not readable"):
+        broken.load(1, 1, [1])
+    with pytest.raises(PixgeneInputError, match="finetune_levels"):
+        pg.tl.fit(synthetic_small, feature_cache=cache, finetune_levels=1, **kwargs)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PixgeneInputError, match="is a file"):
+        pg.tl.fit(synthetic_small, feature_cache=tmp_path / "file", **kwargs)
+
+
 def test_fit_trains_members_apart_and_predicts_their_mean(synthetic_small, tmp_path):
     import pixgene as pg
     from conftest import FIT_GENES

@@ -117,6 +117,7 @@ def build_cache(
     context: int = 0,
     batch_size: int = 8,
     progress: bool = True,
+    store=None,
 ) -> TrainingCache:
     """Encode every training tile ``n_views`` times (view 0 plain; others dihedral + shift + stain jitter, and
     with ``scale_jitter`` > 0 a magnification drawn from [1 - scale_jitter, 1 + scale_jitter]).
@@ -130,6 +131,10 @@ def build_cache(
     much more image on every side and keeps the features of the tile itself: the encoder then sees around a
     tile what it sees there when a whole slide is predicted (tiles with a wide halo), instead of the padding
     at the tile's edge. Not with ``keep_images`` or an encoder with a compact form.
+
+    ``store`` (a :class:`pixgene.tl._feature_cache.FeatureCache` of these inputs) supplies the features when it
+    holds them, and otherwise receives them once encoded. The views are drawn from ``rng`` either way; the stain
+    jitter's draws are then skipped, so ``rng`` is left where an encoding would leave it only when one runs.
     """
     import torch
     from tqdm.auto import tqdm
@@ -164,11 +169,16 @@ def build_cache(
 
     views: list[list[TileView]] = []
     feats = None
+    if store is not None:
+        if keep_images:
+            raise ValueError("a feature store holds encoded features, not the pixels kept for fine-tuning")
+        feats = store.load(len(jobs), n_views, list(levels))
     pixels = torch.empty((len(jobs), n_views, 3, tile, tile), dtype=torch.uint8) if keep_images else None
     flat = [j for tile_jobs in jobs for j in tile_jobs]
     device = next(module.parameters()).device
     desc = "reading training tiles" if keep_images else "encoding training tiles"
-    bar = tqdm(total=len(flat), desc=desc, unit="view", disable=not progress)
+    encode = feats is None
+    bar = tqdm(total=len(flat) if encode else 0, desc=desc, unit="view", disable=not progress or not encode)
 
     def read_batch(start: int) -> list:
         images = []
@@ -183,8 +193,8 @@ def build_cache(
     # one thread reads (and jitters) the next batch while this one is encoded: numpy and the reads release the
     # GIL; a single worker keeps the batches, and so the draws from ``rng``, in order
     with torch.inference_mode(), ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read_batch, 0)
-        for start in range(0, len(flat), batch_size):
+        pending = pool.submit(read_batch, 0) if encode else None
+        for start in range(0, len(flat) if encode else 0, batch_size):
             images = pending.result()
             if start + batch_size < len(flat):
                 pending = pool.submit(read_batch, start + batch_size)
@@ -213,6 +223,8 @@ def build_cache(
                 for f, i in zip(feats, levels, strict=True):
                     f[t, v] = out[i][k]
             bar.update(len(images))
+        if encode and store is not None:
+            store.save(feats, list(levels))
     bar.close()
 
     for tile_jobs in jobs:

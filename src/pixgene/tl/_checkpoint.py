@@ -36,9 +36,11 @@ def _update_array(h, a: Any) -> None:
     h.update(a.tobytes())
 
 
-def slide_digest(image: Any, centers: np.ndarray, radius: np.ndarray, counts: np.ndarray, um_per_px: float) -> str:
+def slide_digest(image: Any, centers: np.ndarray, radius: np.ndarray, counts: np.ndarray | None,
+                 um_per_px: float) -> str:
     """Hash of what training reads from one slide: every pixel of the full-resolution image (in strips), the
-    spots' centres and radii, the counts (genes and library size) and the image's microns per pixel."""
+    spots' centres and radii, the counts (genes and library size; ``None``: not hashed, for what depends on
+    the image and the spots alone) and the image's microns per pixel."""
     h = hashlib.blake2b(digest_size=16)
     data = full_resolution(image).data
     _update_array(h, np.asarray(data.shape))
@@ -46,7 +48,8 @@ def slide_digest(image: Any, centers: np.ndarray, radius: np.ndarray, counts: np
         strip = data[:, y : y + _ROWS]
         _update_array(h, strip.compute() if hasattr(strip, "compute") else strip)
     for a in (centers, radius, counts, np.float64(um_per_px)):
-        _update_array(h, a)
+        if a is not None:
+            _update_array(h, a)
     return h.hexdigest()
 
 

@@ -1,0 +1,76 @@
+"""Encoded training tiles shared between fits: ``pg.tl.fit(feature_cache=...)``.
+
+Encoding the training tiles is a large share of a fit on a CPU (on her2st, three sections, about a third of it)
+and depends only on the images, the spots, the encoder and the tiling and augmentation settings, not on the
+decoder, the loss or the optimiser. A fit given a feature-cache directory writes its encoded tiles there as
+``features_<fingerprint>.safetensors``; a later fit whose encoding has the same fingerprint loads them instead
+of encoding again, so fits that differ only in the decoder, the loss terms, the members or the learning
+settings encode once. The fingerprint covers everything the encoded features depend on: every pixel of each
+slide's image, the spots' centres and radii, the encoder's architecture, weights and microns per pixel, the
+precision and kind of device, the tile, margin, context, views, stain and scale jitter, the decoder levels
+read and the state of the random generator that draws the views. Loaded features are the features an
+encoding would give, to the bit, so the fitted model is the same (the same model id). Files are written
+atomically and never overwritten; a file of another fingerprint is left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from .._validate import fail
+
+logger = logging.getLogger(__name__)
+
+
+def feature_fingerprint(record: dict) -> str:
+    """sha256 (32 hex digits) of a JSON record of what the encoded training features depend on."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class FeatureCache:
+    """The directory of encoded training features and the file of one fingerprint in it."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: str) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            fail(f"feature_cache {str(self.path)!r}", "is a file, not a directory",
+                 "Pass a directory (it is created if missing)")
+        self.fingerprint = fingerprint
+        self.file = self.path / f"features_{fingerprint}.safetensors"
+
+    def load(self, n_tiles: int, n_views: int, levels: list[int]) -> list[Any] | None:
+        """The cached features (one float16 tensor per level in ``levels``), or None when there is no file."""
+        if not self.file.is_file():
+            return None
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(self.file))
+        except (OSError, SafetensorError) as err:
+            fail(f"feature_cache {str(self.path)!r}", f"{self.file.name} is not readable ({err})",
+                 "Delete that file to encode the tiles again")
+        keys = [f"level_{i}" for i in levels]
+        if sorted(state) != sorted(keys) or any(state[k].shape[:2] != (n_tiles, n_views) for k in keys):
+            fail(f"feature_cache {str(self.path)!r}", f"{self.file.name} does not hold {n_tiles} tiles x "
+                 f"{n_views} views of levels {levels}", "Delete that file to encode the tiles again")
+        logger.info("training tiles' features loaded from %s (not encoded again)", self.file)
+        return [state[k] for k in keys]
+
+    def save(self, features: list[Any], levels: list[int]) -> None:
+        """Write the features (atomically; an existing file of this fingerprint is kept as it is)."""
+        from safetensors.torch import save_file
+
+        if self.file.is_file():
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_name(f"{self.file.name}.{os.getpid()}.tmp")
+        save_file({f"level_{i}": f.contiguous() for i, f in zip(levels, features, strict=True)}, str(tmp),
+                  metadata={"fingerprint": self.fingerprint})
+        os.replace(tmp, self.file)
+        logger.info("training tiles' features saved to %s", self.file)
