@@ -904,6 +904,12 @@ def test_fit_shares_encoded_tiles_through_a_feature_cache(synthetic_small, tmp_p
     conv = pg.tl.fit(synthetic_small, feature_cache=cache, **{**kwargs, "decoder": "conv"})
     assert without - sum(encoded) == plain.training["n_tiles"] * 2 and conv.model_id == conv_plain.model_id
     assert sorted(cache.iterdir()) == files
+    # one directory for both: a resumed fit loads its members and its features
+    pg.tl.fit(synthetic_small, checkpoint_dir=tmp_path / "both", feature_cache=tmp_path / "both", **kwargs)
+    encoded.clear()
+    resumed = pg.tl.fit(synthetic_small, checkpoint_dir=tmp_path / "both", feature_cache=tmp_path / "both",
+                        **kwargs)
+    assert without - sum(encoded) == plain.training["n_tiles"] * 2 and resumed.model_id == plain.model_id
     monkeypatch.setattr(PixNetModule, "encode", real_encode)
     # what the features depend on gets its own file; the first one is left as it was
     pg.tl.fit(synthetic_small, feature_cache=cache, **{**kwargs, "stain_jitter": 0.0})
