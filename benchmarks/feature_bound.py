@@ -16,6 +16,10 @@ Rows:
   1 um/px; 4 to 32 at 0.5 um/px, the image upsampled twice first) brought to the 4 um grid (finer levels
   averaged, coarser ones interpolated), standardised, and a head of three 3x3 convolutions (128 channels, SiLU, softplus
   output) trained with squared error on the expected truth of the left half (random 64 x 64 crops).
+- ``dense head on truth, raw pixels``: the same head on the image's own pixels instead, each 4 um pixel's 4 x 4
+  image pixels (1 um/px) as 48 channels of optical density (-log of RGB in [1/255, 1]); ``... encoder at 1 um/px
+  and raw pixels``: both inputs side by side. Whether the pixels themselves carry fine-scale information that
+  the encoder's levels lose (a decoder could read them through a full-resolution skip).
 
 Scores: PCC@M (mean over genes of the per-gene Pearson r across bins) and PCC@S (median) on the right half,
 over bins of 4, 8 and 16 um with more than half of their area in tissue (the truth's total > 0).
@@ -109,6 +113,15 @@ def pyramid_on_grid(image: np.ndarray, encoder_um: float, *, tile: int = 512, ha
     return out
 
 
+def pixels_on_grid(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The 4 x 4 image pixels of every 4 um grid pixel of a 1 um/px (3, H, W) image in [0, 1], as 48 channels
+    of optical density (-log of the intensity, clipped at 1/255)."""
+    g = int(MAP_UM)
+    h, w = shape
+    im = image[:, : h * g, : w * g].reshape(3, h, g, w, g).transpose(0, 2, 4, 1, 3).reshape(3 * g * g, h, w)
+    return -np.log(np.clip(im, 1 / 255, 1.0)).astype(np.float32)
+
+
 def supervised_head(features: np.ndarray, target: np.ndarray, half: int, *, steps: int, seed: int) -> np.ndarray:
     """Train a 3-layer conv head on (features, target) left of column ``half``; predict the right side."""
     import torch
@@ -176,12 +189,20 @@ def main() -> None:
                  "scores": scores(dense[right], truth[right], tissue[:, half:])})
 
     image = image_array(sdata, "he").astype(np.float32) / 255.0
+    inputs = {}
     for enc_um in (1.0, 0.5):
         t0 = time.time()
         feats = pyramid_on_grid(image, enc_um)[:, : truth.shape[1], : truth.shape[2]]
+        inputs[f"encoder at {enc_um:g} um/px"] = (feats, time.time() - t0)
+    t0 = time.time()
+    inputs["raw pixels"] = (pixels_on_grid(image, truth.shape[1:]), time.time() - t0)
+    inputs["encoder at 1 um/px and raw pixels"] = (
+        np.concatenate([inputs["encoder at 1 um/px"][0], inputs["raw pixels"][0]]), 0.0)
+    for name, (feats, built_s) in inputs.items():
+        t0 = time.time()
         pred = supervised_head(feats, expected, half, steps=args.steps, seed=args.seed)
-        rows.append({"row": f"dense head on truth, encoder at {enc_um:g} um/px", "channels": int(feats.shape[0]),
-                     "seconds": round(time.time() - t0, 1),
+        rows.append({"row": f"dense head on truth, {name}", "channels": int(feats.shape[0]),
+                     "seconds": round(built_s + time.time() - t0, 1),
                      "scores": scores(pred, truth[right], tissue[:, half:])})
         log.info("%s", rows[-1])
 
