@@ -70,14 +70,20 @@ def test_select_genes_rejects_bad_arguments(synthetic_small):
         pg.pp.select_genes(synthetic_small, n_top=10_000)
 
 
+def _spots_readout(sdata, model, key: str):
+    """The fitted model's dense map (predicted once per session) read out over the spots as table ``key``."""
+    if "he_pixgene" not in sdata.images:
+        pg.tl.predict_dense(sdata, model, progress=False)
+    return pg.tl.aggregate(sdata, shapes="spots", dense_key="he_pixgene", key_added=key, overwrite=True,
+                           progress=False)
+
+
 def test_evaluate_against_measured_normalises_like_scanpy(fitted_session):
     import anndata as ad
     import scanpy as sc
 
     sdata, model = fitted_session
-    if "he_pixgene" not in sdata.images:
-        pg.tl.predict_dense(sdata, model, progress=False)
-    pred = pg.tl.aggregate(sdata, shapes="spots", dense_key="he_pixgene", key_added="spots_eval", overwrite=True)
+    pred = _spots_readout(sdata, model, "spots_eval")
     scores = pg.tl.evaluate(sdata, predicted="spots_eval", measured="table", genes=model.genes)
     measured = sdata.tables["table"]
     m = measured.copy()
@@ -95,10 +101,7 @@ def test_evaluate_against_measured_normalises_like_scanpy(fitted_session):
 
 def test_evaluate_without_library_size_warns_and_uses_the_gene_sum(fitted_session, caplog):
     sdata, model = fitted_session
-    if "he_pixgene" not in sdata.images:
-        pg.tl.predict_dense(sdata, model, progress=False)
-    pred = pg.tl.aggregate(sdata, shapes="spots", dense_key="he_pixgene", key_added="spots_nototal",
-                           overwrite=True, progress=False)
+    pred = _spots_readout(sdata, model, "spots_nototal")
     del pred.obs["pixgene_total_counts"]
     with caplog.at_level(logging.WARNING, logger="pixgene"):
         scores = pg.tl.evaluate(sdata, predicted="spots_nototal", measured="table", genes=model.genes,
@@ -126,10 +129,7 @@ def test_log_normalize_matches_scanpy_and_evaluate(fitted_session, caplog):
     import scipy.sparse as sp
 
     sdata, model = fitted_session
-    if "he_pixgene" not in sdata.images:
-        pg.tl.predict_dense(sdata, model, progress=False)
-    pred = pg.tl.aggregate(sdata, shapes="spots", dense_key="he_pixgene", key_added="spots_lognorm",
-                           overwrite=True, progress=False)
+    pred = _spots_readout(sdata, model, "spots_lognorm")
     # measured raw counts, sparse, by their own row sums: scanpy's normalize_total + log1p
     measured = sdata.tables["table"].copy()
     measured.X = sp.csr_matrix(measured.X)
