@@ -36,17 +36,24 @@ def _update_array(h, a: Any) -> None:
     h.update(a.tobytes())
 
 
-def slide_digest(image: Any, centers: np.ndarray, radius: np.ndarray, counts: np.ndarray | None,
-                 um_per_px: float) -> str:
-    """Hash of what training reads from one slide: every pixel of the full-resolution image (in strips), the
-    spots' centres and radii, the counts (genes and library size; ``None``: not hashed, for what depends on
-    the image and the spots alone) and the image's microns per pixel."""
+def image_hash(image: Any):
+    """A blake2b hash fed the shape and every pixel of the full-resolution image (in strips): made once per fit
+    and copied into each digest that covers the image (:func:`slide_digest`)."""
     h = hashlib.blake2b(digest_size=16)
     data = full_resolution(image).data
     _update_array(h, np.asarray(data.shape))
     for y in range(0, int(data.shape[1]), _ROWS):
         strip = data[:, y : y + _ROWS]
         _update_array(h, strip.compute() if hasattr(strip, "compute") else strip)
+    return h
+
+
+def slide_digest(image_hashed: Any, centers: np.ndarray, radius: np.ndarray, counts: np.ndarray | None,
+                 um_per_px: float) -> str:
+    """Hash of what training reads from one slide: its image (``image_hashed``, from :func:`image_hash`), the
+    spots' centres and radii, the counts (genes and library size; ``None``: not hashed, for what depends on
+    the image and the spots alone) and the image's microns per pixel."""
+    h = image_hashed.copy()
     for a in (centers, radius, counts, np.float64(um_per_px)):
         if a is not None:
             _update_array(h, a)
@@ -64,8 +71,18 @@ def state_digest(state: dict) -> str:
 def member_fingerprint(common: dict, member_state: dict, k: int) -> str:
     """Fingerprint of member ``k``: the fit's common record (settings, data and encoder digests) and the
     member's initial weights (``member_state``: :func:`~pixgene.tl._model.trained_state` of its view)."""
-    record = {**common, "member": k, "initial_weights": state_digest(member_state)}
+    return record_fingerprint({**common, "member": k, "initial_weights": state_digest(member_state)})
+
+
+def record_fingerprint(record: dict) -> str:
+    """sha256 (32 hex digits) of a JSON record of what a saved result depends on."""
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def require_directory(what: str, path: str | os.PathLike) -> None:
+    """Fail unless ``path`` is a directory or does not exist yet (``what``: the argument, e.g. checkpoint_dir)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"{what} {str(path)!r}", "is a file, not a directory", "Pass a directory (it is created if missing)")
 
 
 class MemberCheckpoints:
@@ -74,9 +91,7 @@ class MemberCheckpoints:
     def __init__(self, path: str | os.PathLike, fingerprints: list[str]) -> None:
         self.path = Path(path)
         self.fingerprints = fingerprints
-        if self.path.exists() and not self.path.is_dir():
-            fail(f"checkpoint_dir {str(self.path)!r}", "is a file, not a directory",
-                 "Pass a directory (it is created if missing)")
+        require_directory("checkpoint_dir", self.path)
         for k, want in enumerate(fingerprints):
             record = self._record(k)
             if record is not None and record.get("fingerprint") != want:

@@ -15,31 +15,24 @@ atomically and never overwritten; a file of another fingerprint is left alone.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from .._validate import fail
+from ._checkpoint import require_directory
 
 logger = logging.getLogger(__name__)
 
 
-def feature_fingerprint(record: dict) -> str:
-    """sha256 (32 hex digits) of a JSON record of what the encoded training features depend on."""
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
 class FeatureCache:
-    """The directory of encoded training features and the file of one fingerprint in it."""
+    """The directory of encoded training features and the file of one fingerprint in it (the fingerprint:
+    :func:`pixgene.tl._checkpoint.record_fingerprint` of what the features depend on)."""
 
     def __init__(self, path: str | os.PathLike, fingerprint: str) -> None:
         self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            fail(f"feature_cache {str(self.path)!r}", "is a file, not a directory",
-                 "Pass a directory (it is created if missing)")
+        require_directory("feature_cache", self.path)
         self.fingerprint = fingerprint
         self.file = self.path / f"features_{fingerprint}.safetensors"
 

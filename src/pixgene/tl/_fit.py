@@ -53,22 +53,35 @@ def _resolve_genes(genes: Sequence[str] | None, slides: list[SpotSlide]) -> list
     return list(genes)
 
 
-def _member_checkpoints(path, module, tuned_keys: list[str], slides: list[SpotSlide], train_slides: list, *,
-                        image_key: str, genes: list[str], settings: dict):
-    """The fit's :class:`~pixgene.tl._checkpoint.MemberCheckpoints` (existing member files checked before any
-    work): each member's fingerprint covers the slides' data, genes, settings, encoder weights and its own
-    initial weights."""
+def _fingerprint_inputs(module, slides: list[SpotSlide], image_key: str) -> tuple[dict, list]:
+    """What every saved result of the fit depends on (pixgene's version, the encoder's config and a digest of
+    its weights), and each slide's image hashed once (:func:`~pixgene.tl._checkpoint.image_hash`), for the
+    fingerprints of ``checkpoint_dir`` and ``feature_cache`` alike."""
     from .. import __version__
-    from ._checkpoint import MemberCheckpoints, member_fingerprint, slide_digest, state_digest
-    from ._model import trained_state
+    from ._checkpoint import image_hash, state_digest
 
     common = {
         "pixgene_version": __version__,
-        "genes": list(genes),
-        "slides": [slide_digest(s.sdata.images[image_key], s.centers, s.radius, t.counts, s.um_per_px)
-                   for s, t in zip(slides, train_slides, strict=True)],
         "encoder": module.encoder.config(),
         "encoder_weights": state_digest(module.encoder.state_dict()),
+    }
+    return common, [image_hash(s.sdata.images[image_key]) for s in slides]
+
+
+def _member_checkpoints(path, module, tuned_keys: list[str], slides: list[SpotSlide], train_slides: list, *,
+                        inputs: tuple[dict, list], genes: list[str], settings: dict):
+    """The fit's :class:`~pixgene.tl._checkpoint.MemberCheckpoints` (existing member files checked before any
+    work): each member's fingerprint covers the slides' data, genes, settings, encoder weights and its own
+    initial weights."""
+    from ._checkpoint import MemberCheckpoints, member_fingerprint, slide_digest
+    from ._model import trained_state
+
+    common, images = inputs
+    common = {
+        **common,
+        "genes": list(genes),
+        "slides": [slide_digest(h, s.centers, s.radius, t.counts, s.um_per_px)
+                   for h, s, t in zip(images, slides, train_slides, strict=True)],
         "settings": settings,
     }
     fingerprints = [member_fingerprint(common, trained_state(module.member(k), tuned_keys), k)
@@ -80,24 +93,23 @@ def _member_checkpoints(path, module, tuned_keys: list[str], slides: list[SpotSl
     return checkpoints
 
 
-def _feature_store(path, module, slides: list[SpotSlide], *, image_key: str, rng: np.random.Generator,
+def _feature_store(path, slides: list[SpotSlide], *, inputs: tuple[dict, list], rng: np.random.Generator,
                    settings: dict):
     """The fit's :class:`~pixgene.tl._feature_cache.FeatureCache`: its fingerprint covers the slides' images
     and spots, the encoder's architecture and weights, the encoding settings and the state of ``rng`` that
     draws the views (taken now, just before the training tiles are planned)."""
-    from .. import __version__
-    from ._checkpoint import slide_digest, state_digest
-    from ._feature_cache import FeatureCache, feature_fingerprint
+    from ._checkpoint import record_fingerprint, slide_digest
+    from ._feature_cache import FeatureCache
 
+    common, images = inputs
     record = {
-        "pixgene_version": __version__,
-        "slides": [slide_digest(s.sdata.images[image_key], s.centers, s.radius, None, s.um_per_px) for s in slides],
-        "encoder": module.encoder.config(),
-        "encoder_weights": state_digest(module.encoder.state_dict()),
+        **common,
+        "slides": [slide_digest(h, s.centers, s.radius, None, s.um_per_px)
+                   for h, s in zip(images, slides, strict=True)],
         "rng": rng.bit_generator.state,
         "settings": settings,
     }
-    return FeatureCache(path, feature_fingerprint(record))
+    return FeatureCache(path, record_fingerprint(record))
 
 
 def _validation_split(n: int, val_fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -385,9 +397,9 @@ def fit(
         if finetune_levels:
             fail("feature_cache", f"holds frozen features, and finetune_levels={finetune_levels} runs the encoder "
                  "in every step", "Pass feature_cache=None with finetune_levels")
-        if os.path.exists(feature_cache) and not os.path.isdir(feature_cache):
-            fail(f"feature_cache {str(feature_cache)!r}", "is a file, not a directory",
-                 "Pass a directory (it is created if missing)")
+        from ._checkpoint import require_directory
+
+        require_directory("feature_cache", feature_cache)
     weights = {"count": 1.0, "total": 0.0, "mse": 1.0, "pearson": 0.5, **(loss_weights or {})}
     unknown = set(weights) - {"count", "total", "mse", "pearson"}
     if unknown:
@@ -451,10 +463,13 @@ def fit(
         fail("tile_px", f"{tile} is not a multiple of the encoder's stride {align}", f"Pass a multiple of {align}")
     context = training_context(tile_context_px, module, finetune_levels)
     tuned_keys = trainable_encoder_keys(module) if finetune_levels else []
+    inputs = None
+    if checkpoint_dir is not None or feature_cache is not None:
+        inputs = _fingerprint_inputs(module, slides, image_key)
     checkpoints = None
     if checkpoint_dir is not None:
         checkpoints = _member_checkpoints(
-            checkpoint_dir, module, tuned_keys, slides, train_slides, image_key=image_key, genes=genes,
+            checkpoint_dir, module, tuned_keys, slides, train_slides, inputs=inputs, genes=genes,
             settings={
                 "encoder_um_per_px": enc_um, "decoder": {k: v for k, v in decoder_config.items() if k != "members"},
                 "tile": tile, "margin": margin, "context": context, "n_views": n_views,
@@ -468,7 +483,7 @@ def fit(
 
     store = None
     if feature_cache is not None:
-        store = _feature_store(feature_cache, module, slides, image_key=image_key, rng=rng, settings={
+        store = _feature_store(feature_cache, slides, inputs=inputs, rng=rng, settings={
             "tile": tile, "margin": margin, "context": context, "n_views": n_views, "stain_jitter": stain_jitter,
             "scale_jitter": scale_jitter, "levels": module.used_levels, "out_stride": module.out_stride,
             "precision": decoder_config["precision"], "device": work_device,
