@@ -176,56 +176,57 @@ def build_cache(
     pixels = torch.empty((len(jobs), n_views, 3, tile, tile), dtype=torch.uint8) if keep_images else None
     flat = [j for tile_jobs in jobs for j in tile_jobs]
     device = next(module.parameters()).device
-    desc = "reading training tiles" if keep_images else "encoding training tiles"
-    encode = feats is None
-    bar = tqdm(total=len(flat) if encode else 0, desc=desc, unit="view", disable=not progress or not encode)
+    if feats is None:  # not supplied by the store: encode (or read) every view
+        desc = "reading training tiles" if keep_images else "encoding training tiles"
+        bar = tqdm(total=len(flat), desc=desc, unit="view", disable=not progress)
 
-    def read_batch(start: int) -> list:
-        images = []
-        for si, x0, y0, _, d, jitter, scale in flat[start : start + batch_size]:
-            img = slides[si].reader.read(x0 - context, y0 - context, tile + 2 * context, tile + 2 * context,
-                                         scale=scale)
-            if jitter and stain_strength > 0:
-                img = stain_jitter(img, rng, stain_strength)
-            images.append(dihedral(torch.from_numpy(img), d))
-        return images
+        def read_batch(start: int) -> list:
+            images = []
+            for si, x0, y0, _, d, jitter, scale in flat[start : start + batch_size]:
+                side = tile + 2 * context
+                img = slides[si].reader.read(x0 - context, y0 - context, side, side, scale=scale)
+                if jitter and stain_strength > 0:
+                    img = stain_jitter(img, rng, stain_strength)
+                images.append(dihedral(torch.from_numpy(img), d))
+            return images
 
-    # one thread reads (and jitters) the next batch while this one is encoded: numpy and the reads release the
-    # GIL; a single worker keeps the batches, and so the draws from ``rng``, in order
-    with torch.inference_mode(), ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read_batch, 0) if encode else None
-        for start in range(0, len(flat) if encode else 0, batch_size):
-            images = pending.result()
-            if start + batch_size < len(flat):
-                pending = pool.submit(read_batch, start + batch_size)
-            if keep_images:
-                for k, img in enumerate(images):
+        # one thread reads (and jitters) the next batch while this one is encoded: numpy and the reads release
+        # the GIL; a single worker keeps the batches, and so the draws from ``rng``, in order
+        with torch.inference_mode(), ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(read_batch, 0)
+            for start in range(0, len(flat), batch_size):
+                images = pending.result()
+                if start + batch_size < len(flat):
+                    pending = pool.submit(read_batch, start + batch_size)
+                if keep_images:
+                    for k, img in enumerate(images):
+                        t, v = divmod(start + k, n_views)
+                        pixels[t, v] = (img * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+                    bar.update(len(images))
+                    continue
+                x = torch.stack(images).to(device)
+                out = module.encode_compact(x) if compact else module.encode(x)
+                if context:
+                    # the tile's own cells of every level (the dihedral turned the read square about its
+                    # centre)
+                    out = list(out)
+                    for i in levels:
+                        a, n = context // encoder.reductions[i], tile // encoder.reductions[i]
+                        out[i] = out[i][..., a : a + n, a : a + n]
+                # one device-to-host copy per level and batch
+                out = {i: out[i].to("cpu", torch.float16) for i in levels}
+                if feats is None:
+                    feats = [
+                        torch.empty((len(jobs), n_views, *out[i].shape[1:]), dtype=torch.float16) for i in levels
+                    ]
+                for k in range(len(images)):
                     t, v = divmod(start + k, n_views)
-                    pixels[t, v] = (img * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+                    for f, i in zip(feats, levels, strict=True):
+                        f[t, v] = out[i][k]
                 bar.update(len(images))
-                continue
-            x = torch.stack(images).to(device)
-            out = module.encode_compact(x) if compact else module.encode(x)
-            if context:
-                # the tile's own cells of every level (the dihedral turned the read square about its centre)
-                out = list(out)
-                for i in levels:
-                    a, n = context // encoder.reductions[i], tile // encoder.reductions[i]
-                    out[i] = out[i][..., a : a + n, a : a + n]
-            # one device-to-host copy per level and batch
-            out = {i: out[i].to("cpu", torch.float16) for i in levels}
-            if feats is None:
-                feats = [
-                    torch.empty((len(jobs), n_views, *out[i].shape[1:]), dtype=torch.float16) for i in levels
-                ]
-            for k in range(len(images)):
-                t, v = divmod(start + k, n_views)
-                for f, i in zip(feats, levels, strict=True):
-                    f[t, v] = out[i][k]
-            bar.update(len(images))
-        if encode and store is not None:
+        bar.close()
+        if store is not None:
             store.save(feats, list(levels))
-    bar.close()
 
     for tile_jobs in jobs:
         tile_views = []
