@@ -16,7 +16,7 @@ patch and superpixel sizes are in encoder pixels, so the um below hold at 1 um/p
               augmentation; the last two encoder levels are trained, which keeps a fold within CPU minutes)
     istar     iStar style: an MLP on 8 um superpixel features (every pyramid level pooled or upsampled to
               8 um), the mean over the superpixels inside each spot fitted to the spot (MSE)
-    pixgene   ``pg.tl.fit`` with its defaults (three decoders on the same features, averaged),
+    pixgene   ``pg.tl.fit`` with its defaults (five decoders on the same features, averaged),
               ``predict_dense`` over the whole held-out section, ``aggregate`` over its spots
     ablations pixgene with one decoder (``pixgene_single``: ``n_members=1``; when ``pixgene`` runs in the same
               fold, member 0 of its model, which is that fit to the bit, is not fitted again), and, each against

@@ -282,9 +282,9 @@ def test_default_training_length_follows_the_number_of_steps():
 
     # her2st-sized (551 tiles, 69 steps an epoch): the minimum epochs already give >= MIN_STEPS steps
     assert training_length(551, 8, None, None) == (MIN_EPOCHS, 4)
-    # 230 tiles = 29 steps an epoch: ceil(800 / 29) = 28 epochs, patience a third of them
+    # 230 tiles = 29 steps an epoch: ceil(533 / 29) = 19 epochs, patience a third of them
     epochs, patience = training_length(230, 8, None, None)
-    assert (epochs, patience) == (28, 9)
+    assert (epochs, patience) == (19, 6)
     assert epochs * 29 >= MIN_STEPS > (epochs - 1) * 29
     assert training_length(3, 8, None, None)[0] == MAX_AUTO_EPOCHS  # one step an epoch: capped
     assert training_length(230, 8, 5, None) == (5, 4)  # given values are kept

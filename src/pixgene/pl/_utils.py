@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .._coords import affine_between, apply_affine, isotropic_scale
+from .._normalize import row_scale
 from .._raster import level_for_downsample, rgb_array, scale_levels
 from .._validate import fail, require_element
 
@@ -449,7 +450,8 @@ def by_shape(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def log_normalise(counts: np.ndarray, totals: np.ndarray, target: float = 1e4) -> np.ndarray:
-    """log1p(target * counts / total), NaN where the total is not positive."""
-    counts, totals = np.asarray(counts, dtype=float), np.asarray(totals, dtype=float)
-    ratio = np.divide(counts, totals, out=np.full_like(counts, np.nan), where=totals > 0)
-    return np.log1p(target * ratio)
+    """log1p(target * counts / total) (as the scores take it), NaN where the total is not positive: such a shape
+    is left blank, not drawn as zero expression."""
+    totals = np.asarray(totals, dtype=float)
+    values = np.log1p(np.asarray(counts, dtype=float) * row_scale(totals, target))
+    return np.where(totals > 0, values, np.nan)
