@@ -305,8 +305,9 @@ def fit(
         are encoded once, so each further member adds a decoder's training time, and a prediction runs the
         encoder once and every decoder on its features. The default five members, each trained for two thirds
         of the epochs one decoder had when the default was three, train in about the time three did and
-        scored higher on training sections (docs/concepts.md). ``model.training`` keeps the first member's summary at
-        its top level and every member's under ``"members"``; the history records each epoch's member.
+        scored higher on training sections (docs/concepts.md). ``model.training`` keeps the first member's
+        summary at its top level and every member's under ``"members"``; the history records each epoch's
+        member.
     precision
         ``"bf16"``: encoder and decoder compute in bfloat16 autocast (convolutions and matrix products in
         bfloat16; standardisation, the intensity head's output and the losses in float32), in training and in
@@ -396,13 +397,15 @@ def fit(
              "Pass 'auto' (bfloat16 where the device runs it natively), 'bf16' or '32'")
     if not 0 < val_fraction < 1:
         fail("val_fraction", f"{val_fraction} is not between 0 and 1", "Pass e.g. 0.1")
-    if feature_cache is not None:
-        if finetune_levels:
-            fail("feature_cache", f"holds frozen features, and finetune_levels={finetune_levels} runs the encoder "
-                 "in every step", "Pass feature_cache=None with finetune_levels")
-        from ._checkpoint import require_directory
+    if feature_cache is not None and finetune_levels:
+        fail("feature_cache", f"holds frozen features, and finetune_levels={finetune_levels} runs the encoder "
+             "in every step", "Pass feature_cache=None with finetune_levels")
+    from ._checkpoint import require_directory
 
-        require_directory("feature_cache", feature_cache)
+    # before the images are hashed for the fingerprints
+    for name, path in (("checkpoint_dir", checkpoint_dir), ("feature_cache", feature_cache)):
+        if path is not None:
+            require_directory(name, path)
     weights = {"count": 1.0, "total": 0.0, "mse": 1.0, "pearson": 0.5, **(loss_weights or {})}
     unknown = set(weights) - {"count", "total", "mse", "pearson"}
     if unknown:
