@@ -684,9 +684,10 @@ def render(result: dict) -> str:
                     if m in f["methods"] and "fit_s" in f["methods"][m].get("training", {})]
             if fits:
                 derived = [t for t, i in fits if i.get("member_of")]
+                parent = dict(fits)[derived[0]]["member_of"] if derived else None
                 lines += [f"{m} fit alone, s (best epoch / epochs run{', per member' if _members(fits) else ''}): "
                           + ", ".join(f"{t} {i['fit_s']:.0f} ({_epochs(i)})" for t, i in fits)
-                          + (f"; {', '.join(derived)}: member 0 of the fold's `{fits[0][1]['member_of']}` model "
+                          + (f"; {', '.join(derived)}: member 0 of the fold's `{parent}` model "
                              "(the same weights a fit of one member makes), not fitted again: its fit time is that "
                              "fit less the training of the other members" if derived else ""), ""]
     if result.get("notes"):
@@ -773,8 +774,9 @@ def main() -> None:
         result["total_s"] = round(time.perf_counter() - t0, 1)
         result["complete"] = final
         result["load_average_at_end"] = round(os.getloadavg()[0], 2)
-        md = render(result)
+        # the numbers first, so that they outlive any fault of the rendering
         (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+        md = render(result)
         (out / f"{name}.md").write_text(md + "\n")
         if final:
             print(md)
