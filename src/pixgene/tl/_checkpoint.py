@@ -86,12 +86,12 @@ def require_directory(what: str, path: str | os.PathLike) -> None:
 
 
 class MemberCheckpoints:
-    """The member files in ``path`` for a fit whose members have the given fingerprints."""
+    """The member files in ``path`` for a fit whose members have the given fingerprints (``path``: a directory
+    or not there yet, which :func:`pixgene.tl.fit` checks with :func:`require_directory` before any work)."""
 
     def __init__(self, path: str | os.PathLike, fingerprints: list[str]) -> None:
         self.path = Path(path)
         self.fingerprints = fingerprints
-        require_directory("checkpoint_dir", self.path)
         for k, want in enumerate(fingerprints):
             record = self._record(k)
             if record is not None and record.get("fingerprint") != want:

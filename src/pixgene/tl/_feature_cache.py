@@ -21,18 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from .._validate import fail
-from ._checkpoint import require_directory
 
 logger = logging.getLogger(__name__)
 
 
 class FeatureCache:
     """The directory of encoded training features and the file of one fingerprint in it (the fingerprint:
-    :func:`pixgene.tl._checkpoint.record_fingerprint` of what the features depend on)."""
+    :func:`pixgene.tl._checkpoint.record_fingerprint` of what the features depend on). ``path`` is a directory
+    or not there yet, which :func:`pixgene.tl.fit` checks with ``require_directory`` before any work."""
 
     def __init__(self, path: str | os.PathLike, fingerprint: str) -> None:
         self.path = Path(path)
-        require_directory("feature_cache", self.path)
         self.fingerprint = fingerprint
         self.file = self.path / f"features_{fingerprint}.safetensors"
 
