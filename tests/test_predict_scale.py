@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,17 +19,18 @@ from pixgene._raster import full_resolution, to_float01
 FAST = {"chunk_px": 40, "halo_px": 64, "progress": False}
 
 
-def _model(block: str = "conv", width: int = 8, genes=("A", "B", "C")):
+def _model(block: str = "conv", width: int = 8, genes=("A", "B", "C"), um_per_px: float | None = None,
+           seed: int = 0):
     """An untrained PixNet on the bundled encoder, its outputs scaled to a realistic ~1e-2 counts per um^2."""
     import torch
 
     from pixgene.nn._encoders import build_encoder
     from pixgene.tl._model import PixNet, build_module
 
-    encoder = build_encoder("efficientnet_lite0", weights="default")
+    encoder = build_encoder("efficientnet_lite0", weights="default", um_per_px=um_per_px)
     config = encoder.config()
     decoder = {"width": width, "out_stride": 4, "block": block}
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     n = len(genes) + 1
     module = build_module(config, "default", n_outputs=n, decoder_config=decoder, encoder=encoder)
     module.head.set_scale(torch.full((n,), 1e-2))
@@ -294,6 +296,74 @@ def test_distributed_equals_local(model, synthetic_small, tmp_path):
     np.testing.assert_array_equal(in_memory, local)
 
 
+def test_list_of_models_predicts_the_mean_of_their_maps(model, synthetic_small, tmp_path):
+    """Two models reading the slide at 1 and 2 um/px: the list's map is the mean of the two maps predicted
+    apart (each with its own halo and tile size), on an in-memory and a zarr-backed slide alike, and a run cut
+    short resumes to the same map."""
+    import spatialdata as sd
+
+    coarse = _model(um_per_px=2.0, seed=1)
+    assert coarse.encoder_um_per_px == 2.0 and coarse.out_um_per_px == 8.0
+    kw = {"chunk_px": 40, "progress": False}
+    a = _values(pg.tl.predict_dense(synthetic_small, model, key_added="a", **kw))
+    b = _values(pg.tl.predict_dense(synthetic_small, coarse, key_added="b", **kw))
+    assert np.abs(a - b).max() > 0.1 * np.abs(a).max()  # two different maps
+    both = _values(pg.tl.predict_dense(synthetic_small, [model, coarse], key_added="both", **kw))
+    np.testing.assert_allclose(both, (a.astype(np.float64) + b) / 2, rtol=1e-6, atol=1e-6 * np.abs(a).max())
+    record = synthetic_small.attrs["pixgene"]["dense"]
+    assert record["both"]["model_ids"] == [model.model_id, coarse.model_id]
+    assert record["both"]["model_id"] == f"{model.model_id}+{coarse.model_id}"
+    assert record["both"]["halo_px"] == [record["a"]["halo_px"], record["b"]["halo_px"]]
+    assert record["both"]["tile_px"] == [record["a"]["tile_px"], record["b"]["tile_px"]]
+    # expected counts average: the mean map's read-out over spots is the mean of the two read-outs
+    reads = {k: pg.tl.aggregate(synthetic_small, shapes="spots", dense_key=k, key_added=f"spots_{k}",
+                                progress=False).X for k in ("a", "b", "both")}
+    np.testing.assert_allclose(reads["both"], (reads["a"] + reads["b"]) / 2, rtol=1e-5)
+
+    path = tmp_path / "ensemble.zarr"
+    backed = _backed(synthetic_small, path)
+    with CountingCalls(coarse, fail_at=3), pytest.raises(RuntimeError, match="on purpose"):
+        pg.tl.predict_dense(backed, [model, coarse], key_added="again", **kw)
+    done = len(os.listdir(Path(str(path) + ".pixgene-partial") / "again" / "done"))
+    assert done == 3  # the fourth chunk's second model failed: that chunk was not written
+    with CountingCalls(model) as counter:
+        resumed = _values(pg.tl.predict_dense(sd.read_zarr(path), [model, coarse], key_added="again", **kw))
+    n_tissue = sd.read_zarr(path).attrs["pixgene"]["dense"]["again"]["chunks"]["tissue"]
+    assert counter.calls == n_tissue - 3
+    np.testing.assert_array_equal(resumed, both)
+
+
+def test_list_of_models_is_checked_before_any_work(model, synthetic_small):
+    from pixgene._validate import PixgeneInputError
+
+    other_genes = _model(genes=("A", "B", "D"))
+    with CountingCalls(model) as counter:
+        differ = r"model: item 1 predicts other outputs than item 0 \(C, D\)"
+        with pytest.raises(PixgeneInputError, match=differ):
+            pg.tl.predict_dense(synthetic_small, [model, other_genes], **FAST)
+        with pytest.raises(PixgeneInputError, match="same genes in another order"):
+            pg.tl.predict_dense(synthetic_small, [model, _model(genes=("B", "A", "C"))], **FAST)
+        with pytest.raises(PixgeneInputError, match="model: is an empty list"):
+            pg.tl.predict_dense(synthetic_small, [], **FAST)
+        with pytest.raises(PixgeneInputError, match=r"model: is a str \(item 1\), not a PixNet"):
+            pg.tl.predict_dense(synthetic_small, [model, "model_dir"], **FAST)
+    assert counter.calls == 0 and "he_pixgene" not in synthetic_small.images
+
+
+@pytest.mark.slow
+def test_distributed_list_of_models_equals_local(model, synthetic_small, tmp_path):
+    from distributed import Client, LocalCluster
+
+    models = [model, _model(um_per_px=2.0, seed=1)]
+    backed = _backed(synthetic_small, tmp_path / "cluster.zarr")
+    local = _values(pg.tl.predict_dense(synthetic_small, models, **FAST))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        distributed = _values(pg.tl.predict_dense(backed, models, **FAST))
+        assert len(client.run(lambda: True)) == 2
+    np.testing.assert_array_equal(distributed, local)
+
+
 def test_cli_predict_on_an_image_file(model, synthetic_small, tmp_path, capsys):
     import spatialdata as sd
     from PIL import Image
@@ -322,6 +392,15 @@ def test_cli_predict_on_an_image_file(model, synthetic_small, tmp_path, capsys):
     expected = _values(pg.tl.predict_dense(same, pg.tl.PixNet.load(model_dir), progress=False))
     np.testing.assert_array_equal(got, expected)
     assert written.attrs["pixgene"]["dense"]["he_pixgene"]["model_id"] == model.model_id
+
+    coarse_dir = tmp_path / "coarse"
+    _model(um_per_px=2.0, seed=1).save(coarse_dir)
+    both = tmp_path / "both.zarr"
+    assert main(["predict", "--model", str(model_dir), str(coarse_dir), "--image", str(image_file), "--out",
+                 str(both), "--image-um-per-px", "1.0", "--um-per-px", "4"]) == 0
+    expected = pg.tl.predict_dense(same, [pg.tl.PixNet.load(model_dir), pg.tl.PixNet.load(coarse_dir)],
+                                   key_added="both", progress=False)
+    np.testing.assert_array_equal(_values(sd.read_zarr(both).images["he_pixgene"]), _values(expected))
 
 
 def test_smooth_window_model_is_saved_restored_and_tiles_like_one_pass(synthetic_small, tmp_path):

@@ -129,7 +129,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     import pixgene as pg
 
-    model = pg.tl.PixNet.load(args.model)
+    models = [pg.tl.PixNet.load(path) for path in args.model]
+    model = models[0] if len(models) == 1 else models
     src = Path(args.image)
     if src.suffix == ".zarr" or src.is_dir():
         sdata = sd.read_zarr(src)
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--overwrite", action="store_true")
     demo.set_defaults(func=_demo)
     pred = sub.add_parser("predict", help="dense map of an image with a saved model")
-    pred.add_argument("--model", required=True)
+    pred.add_argument("--model", required=True, nargs="+",
+                      help="a saved model's folder, or several: the map is their mean")
     pred.add_argument("--image", required=True, help="a SpatialData .zarr or an RGB image file")
     pred.add_argument("--out", required=True, help="output SpatialData .zarr (may equal --image)")
     pred.add_argument("--image-key", default="he")

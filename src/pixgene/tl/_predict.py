@@ -30,6 +30,14 @@ and a marker file per chunk is created only after its write returned (:class:`Ch
 the same parameters (model id, grid, halo, dtype) predicts only unmarked chunks; any other parameters start
 afresh. When every chunk is there the map is written into the store as a multiscale element, read back
 lazily, and the partial directory is removed.
+
+Several models
+--------------
+A list of models predicts their mean map. Each model reads a chunk's tile at its own encoder um/px, with its
+own halo and alignment, and its map is resampled to the output grid (area-exact) before the mean, so the
+models need only predict the same outputs: an ensemble of fits at 1 and 2 um/px, of two encoders, or of
+models fitted on different cohorts. Expected counts average, so every read-out of the mean map is the mean
+of the models' read-outs. A chunk is written once every model has predicted it.
 """
 
 from __future__ import annotations
@@ -258,34 +266,58 @@ class ChunkStore:
         (self.done_dir / self.name(block)).touch()
 
 
-def predict_chunks(model, reader, grid: DenseGrid, tile_hw, blocks, store, dtype: str, device: str | None,
-                   threads: int | None = None):
-    """One task: predict a batch of output chunks from equal-size tiles in one model call.
+@dataclass
+class ModelPart:
+    """One model of a prediction and how it reads the slide: its reader (at the model's encoder um/px), its
+    output grid (halo and alignment in its own encoder pixels) and the one tile size that covers every
+    chunk."""
 
-    With a :class:`ChunkStore` each chunk is written and marked, and ``None`` is returned for it; without one
-    the chunks' arrays are returned. Image reads run on the synchronous scheduler: inside a distributed worker
-    a nested ``compute`` would otherwise queue behind the very task that waits for it. ``threads`` fixes
-    torch's intra-op threads for the model call: CPU kernels split their sums by thread, so the same count
-    everywhere is what makes a cluster's map identical to a local one.
+    model: Any
+    reader: Any
+    grid: DenseGrid
+    tile_hw: tuple[int, int]
+
+
+def predict_chunks(parts: list, blocks, store, dtype: str, device: str | None,
+                   threads: int | None = None):
+    """One task: predict a batch of output chunks from equal-size tiles, one call per model.
+
+    ``parts``: :class:`ModelPart` objects or tuples of their fields. With several models each reads the
+    chunks' tiles at its own um/px and the chunk is the mean of their maps on the output grid; with one it is
+    that model's map. With a :class:`ChunkStore` each chunk
+    is written and marked, and ``None`` is returned for it; without one the chunks' arrays are returned.
+    Image reads run on the synchronous scheduler: inside a distributed worker a nested ``compute`` would
+    otherwise queue behind the very task that waits for it. ``threads`` fixes torch's intra-op threads for
+    the model calls: CPU kernels split their sums by thread, so the same count everywhere is what makes a
+    cluster's map identical to a local one.
     """
     import dask
     import torch
 
-    _move(model, device or _default_device())
-    origins = [grid.read_window(*b)[:2] for b in blocks]
-    with dask.config.set(scheduler="synchronous"):
-        tiles = np.stack([reader.read(x0, y0, tile_hw[1], tile_hw[0]) for x0, y0 in origins])
-    before = torch.get_num_threads()
-    if threads is not None and threads != before:
-        torch.set_num_threads(threads)
-    try:
-        lam = model.predict_intensity(tiles)
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
+    parts = [p if isinstance(p, ModelPart) else ModelPart(*p) for p in parts]
+    sums: list[np.ndarray] | None = None
+    for part in parts:
+        _move(part.model, device or _default_device())
+        origins = [part.grid.read_window(*b)[:2] for b in blocks]
+        with dask.config.set(scheduler="synchronous"):
+            h, w = part.tile_hw
+            tiles = np.stack([part.reader.read(x0, y0, w, h) for x0, y0 in origins])
+        before = torch.get_num_threads()
+        if threads is not None and threads != before:
+            torch.set_num_threads(threads)
+        try:
+            lam = part.model.predict_intensity(tiles)
+        finally:
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)
+        maps = [resample_to_output(one, part.grid, block, x0, y0)
+                for block, (x0, y0), one in zip(blocks, origins, lam, strict=True)]
+        sums = maps if sums is None else [a + b for a, b in zip(sums, maps, strict=True)]
+    if len(parts) > 1:
+        sums = [a / len(parts) for a in sums]
     results = []
-    for block, (x0, y0), one in zip(blocks, origins, lam, strict=True):
-        values = resample_to_output(one, grid, block, x0, y0).astype(dtype, copy=False)
+    for block, one in zip(blocks, sums, strict=True):
+        values = one.astype(dtype, copy=False)
         if store is None:
             results.append((block, values))
         else:
@@ -324,13 +356,14 @@ def _active_client() -> Any:
         return None
 
 
-def run_chunk_tasks(model, reader, grid, tile_hw, batches, store, dtype, device, threads, *, client, progress,
+def run_chunk_tasks(parts: list[ModelPart], batches, store, dtype, device, threads, *, client, progress,
                     total, initial) -> list:
     """Run the chunk tasks as a dask graph, on ``client`` (dask.distributed) when given, else locally.
 
-    On a cluster the model (on the CPU, so that any worker can load it) and the reader are scattered to every
-    worker once, and each worker moves its own copy to ``device`` (default: its GPU when it has one). Locally
-    one task runs at a time on the caller's model: the model call itself already uses every core (or the GPU).
+    On a cluster every model (on the CPU, so that any worker can load it) and reader is scattered to every
+    worker once, and each worker moves its own copies to ``device`` (default: its GPU when it has one).
+    Locally one task runs at a time on the caller's models: a model call itself already uses every core (or
+    the GPU).
     """
     import dask
     from tqdm.auto import tqdm
@@ -338,29 +371,33 @@ def run_chunk_tasks(model, reader, grid, tile_hw, batches, store, dtype, device,
     bar = tqdm(total=total, initial=initial, desc="predicting dense map", unit="chunk", disable=not progress)
     results: list = []
 
-    def task(model_ref, reader_ref, batch):
+    def task(task_parts, batch):
         run = dask.delayed(predict_chunks, pure=False)
-        return run(model_ref, reader_ref, grid, tile_hw, batch, store, dtype, device, threads)
+        return run(task_parts, batch, store, dtype, device, threads)
 
     try:
         if client is not None:
             from distributed import as_completed
 
-            home = _device_of(model)
-            _move(model, "cpu")
-            try:
-                model_ref = client.scatter(model, broadcast=True, hash=False)
-            finally:
-                _move(model, home)
-            reader_ref = client.scatter(reader, broadcast=True, hash=False)
-            for future in as_completed(client.compute([task(model_ref, reader_ref, b) for b in batches])):
+            scattered = []
+            for part in parts:
+                home = _device_of(part.model)
+                _move(part.model, "cpu")
+                try:
+                    model_ref = client.scatter(part.model, broadcast=True, hash=False)
+                finally:
+                    _move(part.model, home)
+                reader_ref = client.scatter(part.reader, broadcast=True, hash=False)
+                scattered.append((model_ref, reader_ref, part.grid, part.tile_hw))
+            tasks = [task(scattered, b) for b in batches]  # each worker's own copies, as tuples
+            for future in as_completed(client.compute(tasks)):
                 done = future.result()
                 results.extend(done)
                 bar.update(len(done))
         else:
             from dask.callbacks import Callback
 
-            tasks = [task(model, reader, b) for b in batches]
+            tasks = [task(parts, b) for b in batches]
             sizes = {t.key: len(b) for t, b in zip(tasks, batches, strict=True)}
 
             class _Progress(Callback):
@@ -411,7 +448,10 @@ def predict_dense(
     sdata
         SpatialData holding the H&E image.
     model
-        A fitted :class:`pixgene.tl.PixNet`; default: the model last fitted on this object.
+        A fitted :class:`pixgene.tl.PixNet`, or a list of them to average (models fitted with the same genes,
+        at other encoder um/px, with other encoders or on other slides: each reads the slide at its own um/px
+        with its own halo, and the map is the mean of their maps on the output grid); default: the model
+        last fitted on this object.
     image_key
         The H&E image element.
     um_per_px
@@ -452,24 +492,16 @@ def predict_dense(
     counts per um^2), also stored as ``sdata.images[key_added]`` with transformations that overlay the H&E in
     every coordinate system; ``sdata.attrs["pixgene"]["um_per_px"][key_added]`` and
     ``sdata.attrs["pixgene"]["dense"][key_added]`` (model id, genes, parameters including the halo and the
-    probe's edge error, and the numbers of tissue and background chunks) are recorded. When ``sdata`` is
+    probe's edge error, and the numbers of tissue and background chunks; for a list of models the ids joined
+    by ``+``, ``model_ids``, and one halo, tile size and edge error per model) are recorded. When ``sdata`` is
     backed by a zarr store the map is written there and read back lazily; until it is complete the finished
     chunks live in ``<store>.pixgene-partial/<key_added>`` (removed at the end).
     """
-    from ._model import PixNet, last_model
-
     image = require_element(sdata, image_key, "images")
     from .._raster import rgb_array
 
     rgb_array(image, image_key)
-    if model is None:
-        model = last_model(sdata)
-        if model is None:
-            fail("model", "none was given and none was fitted on this SpatialData",
-                 "Pass model=pg.tl.fit(...) or model=pg.tl.PixNet.load(dir)")
-    if not isinstance(model, PixNet):
-        fail("model", f"is a {type(model).__name__}, not a PixNet",
-             "Pass a model from pg.tl.fit or PixNet.load")
+    models = _models_to_run(sdata, model)
     check_positive(um_per_px, "um_per_px", "predict_dense")
     if dtype not in ("float32", "float16"):
         fail("dtype", f"{dtype!r} is not supported", "Use 'float32' or 'float16'")
@@ -495,38 +527,48 @@ def predict_dense(
     from ..data._mask import tissue_mask
     from ..data._reader import SlideReader
 
-    reader = SlideReader(image, image_um=image_um, target_um=model.encoder_um_per_px, name=image_key)
-    fitted = model
-    H0, W0 = reader.shape_level0
+    H0, W0 = SlideReader(image, image_um=image_um, target_um=image_um, name=image_key).shape_level0
     out_shape = (int(np.ceil(H0 * image_um / um_per_px)), int(np.ceil(W0 * image_um / um_per_px)))
-    align = model.alignment
-    original_device = _device_of(model)
-    _move(model, local_device)
+    blocks = chunk_blocks(out_shape, chunk_px)
+    original_devices = [_device_of(m) for m in models]
     try:
-        if halo_px is None:
-            halo, edge_error = tiling_halo(model)
-        else:
-            halo, edge_error = int(np.ceil(halo_px / align)) * align, None
         # one tissue mask serves both the background chunks and the slide's own feature statistics
         mask = tissue_mask(sdata, image_key, image_um_per_px=image_um) if (
-            skip_background or fitted.slide_standardized) else None
-        if fitted.slide_standardized:
-            from ..data._training import slide_feature_stats
+            skip_background or any(m.slide_standardized for m in models)) else None
+        parts, halos = [], []
+        for fitted in models:
+            _move(fitted, local_device)
+            reader = SlideReader(image, image_um=image_um, target_um=fitted.encoder_um_per_px, name=image_key)
+            align = fitted.alignment
+            if halo_px is None:
+                halo, edge_error = tiling_halo(fitted)
+            else:
+                halo, edge_error = int(np.ceil(halo_px / align)) * align, None
+            ready = fitted
+            if fitted.slide_standardized:
+                from ..data._training import slide_feature_stats
 
-            # this slide's own channel statistics, taken the same way fit took each training slide's
-            stats = slide_feature_stats(sdata, image_key, reader, fitted.module, image_um=image_um, mask=mask)
-            model = fitted.with_feature_stats(*stats)
-        grid = DenseGrid(out_shape, float(um_per_px), model.encoder_um_per_px, model.out_um_per_px,
-                         model.out_stride, align, halo)
-        blocks = chunk_blocks(out_shape, chunk_px)
-        tile_hw = grid.tile_shape(blocks)
+                # this slide's own channel statistics, taken the same way fit took each training slide's
+                stats = slide_feature_stats(sdata, image_key, reader, fitted.module, image_um=image_um,
+                                            mask=mask)
+                ready = fitted.with_feature_stats(*stats)
+            grid = DenseGrid(out_shape, float(um_per_px), ready.encoder_um_per_px, ready.out_um_per_px,
+                             ready.out_stride, align, halo)
+            parts.append(ModelPart(ready, reader, grid, grid.tile_shape(blocks)))
+            halos.append((halo, edge_error))
         tissue = _tissue_blocks(mask, blocks, um_per_px / image_um) if skip_background else blocks
-        n_out = len(model.outputs)
+        n_out = len(models[0].outputs)
         params = {
             "image_key": image_key, "image_shape": [H0, W0], "um_per_px": float(um_per_px),
-            "image_um_per_px": image_um, "chunk_px": int(chunk_px), "halo_px": halo, "tile_px": list(tile_hw),
-            "dtype": dtype, "skip_background": skip_background, "model_id": fitted.model_id,
+            "image_um_per_px": image_um, "chunk_px": int(chunk_px), "dtype": dtype,
+            "skip_background": skip_background,
         }
+        if len(models) == 1:
+            params.update(halo_px=halos[0][0], tile_px=list(parts[0].tile_hw), model_id=models[0].model_id)
+        else:
+            params.update(halo_px=[h for h, _ in halos], tile_px=[list(p.tile_hw) for p in parts],
+                          model_id="+".join(m.model_id for m in models),
+                          model_ids=[m.model_id for m in models])
         partial = _partial_dir(sdata, key)
         store = None if partial is None else _open_partial(partial, params, (n_out, *out_shape), chunk_px)
         done = store.done() if store is not None else set()
@@ -536,11 +578,13 @@ def predict_dense(
                         len(tissue))
         batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
         # on a cluster each worker picks its own device unless one was asked for
-        results = run_chunk_tasks(model, reader, grid, tile_hw, batches, store, dtype,
-                                  device if client is not None else local_device, threads, client=client,
+        task_device = device if client is not None else local_device
+        results = run_chunk_tasks(parts, batches, store, dtype, task_device, threads, client=client,
                                   progress=progress, total=len(tissue), initial=len(tissue) - len(todo))
     finally:
-        _move(fitted, original_device)
+        for fitted, home in zip(models, original_devices, strict=True):
+            _move(fitted, home)
+    edge_error = halos[0][1] if len(models) == 1 else [e for _, e in halos]
 
     import dask.array as da
 
@@ -551,7 +595,7 @@ def predict_dense(
         level0 = da.from_array(level0, chunks=(n_out, chunk_px, chunk_px))
     else:
         level0 = da.from_zarr(str(store.array_path))
-    element = _dense_element(level0, image, model.outputs, um_per_px / image_um, scale_factors, out_shape)
+    element = _dense_element(level0, image, models[0].outputs, um_per_px / image_um, scale_factors, out_shape)
     if key in sdata.images and overwrite:
         del sdata.images[key]
     sdata.images[key] = element
@@ -559,7 +603,7 @@ def predict_dense(
     record = dict(sdata.attrs.get(UNS_KEY, {}))
     dense = dict(record.get("dense", {}))
     dense[key] = {
-        **params, "halo_edge_error": edge_error, "genes": model.genes, "batch_size": batch_size,
+        **params, "halo_edge_error": edge_error, "genes": models[0].genes, "batch_size": batch_size,
         "device": "dask.distributed" if client is not None else local_device,
         "chunks": {"tissue": len(tissue), "background": len(blocks) - len(tissue)},
     }
@@ -579,6 +623,34 @@ def predict_dense(
         um_per_px, n_out, len(tissue), len(blocks),
     )
     return sdata.images[key]
+
+
+def _models_to_run(sdata: Any, model: Any) -> list:
+    """``model`` as a list of fitted models, checked: one PixNet, several that predict the same outputs, or
+    (``None``) the model last fitted on ``sdata``."""
+    from ._model import PixNet, last_model
+
+    if model is None:
+        model = last_model(sdata)
+        if model is None:
+            fail("model", "none was given and none was fitted on this SpatialData",
+                 "Pass model=pg.tl.fit(...) or model=pg.tl.PixNet.load(dir)")
+    models = list(model) if isinstance(model, list | tuple) else [model]
+    if not models:
+        fail("model", "is an empty list", "Pass one PixNet, or a list of PixNet models to average")
+    for i, m in enumerate(models):
+        if not isinstance(m, PixNet):
+            where = "" if len(models) == 1 and not isinstance(model, list | tuple) else f" (item {i})"
+            fail("model", f"is a {type(m).__name__}{where}, not a PixNet",
+                 "Pass a model from pg.tl.fit or PixNet.load, or a list of them")
+    first = models[0].outputs
+    for i, m in enumerate(models[1:], start=1):
+        if m.outputs != first:
+            differ = sorted(set(m.outputs) ^ set(first)) or ["the same genes in another order"]
+            fail("model", f"item {i} predicts other outputs than item 0 ({', '.join(differ[:5])})",
+                 "Fit every model of an ensemble with the same genes= (select them once, pass them to each "
+                 "fit)")
+    return models
 
 
 def _tissue_blocks(tissue: tuple[np.ndarray, float], blocks: list, image_px_per_out: float) -> list:
