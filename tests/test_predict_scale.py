@@ -315,6 +315,12 @@ def test_list_of_models_predicts_the_mean_of_their_maps(model, synthetic_small, 
     assert record["both"]["model_id"] == f"{model.model_id}+{coarse.model_id}"
     assert record["both"]["halo_px"] == [record["a"]["halo_px"], record["b"]["halo_px"]]
     assert record["both"]["tile_px"] == [record["a"]["tile_px"], record["b"]["tile_px"]]
+    weighted = _values(pg.tl.predict_dense(synthetic_small, [model, coarse], weights=[3, 2], key_added="w",
+                                           **kw))
+    np.testing.assert_allclose(weighted, (3 * a.astype(np.float64) + 2 * b) / 5, rtol=1e-6,
+                               atol=1e-6 * np.abs(a).max())
+    record = synthetic_small.attrs["pixgene"]["dense"]
+    assert record["w"]["weights"] == [0.6, 0.4] and record["both"]["weights"] == [0.5, 0.5]
     # expected counts average: the mean map's read-out over spots is the mean of the two read-outs
     reads = {k: pg.tl.aggregate(synthetic_small, shapes="spots", dense_key=k, key_added=f"spots_{k}",
                                 progress=False).X for k in ("a", "b", "both")}
@@ -347,6 +353,15 @@ def test_list_of_models_is_checked_before_any_work(model, synthetic_small):
             pg.tl.predict_dense(synthetic_small, [], **FAST)
         with pytest.raises(PixgeneInputError, match=r"model: is a str \(item 1\), not a PixNet"):
             pg.tl.predict_dense(synthetic_small, [model, "model_dir"], **FAST)
+        with pytest.raises(PixgeneInputError, match="weights: were given for a single model"):
+            pg.tl.predict_dense(synthetic_small, model, weights=[1.0], **FAST)
+        one_weight = r"weights: \[1\] is not one number per model \(2 models\)"
+        with pytest.raises(PixgeneInputError, match=one_weight):
+            pg.tl.predict_dense(synthetic_small, [model, model], weights=[1], **FAST)
+        with pytest.raises(PixgeneInputError, match="not one number per model"):
+            pg.tl.predict_dense(synthetic_small, [model, model], weights=["a", "b"], **FAST)
+        with pytest.raises(PixgeneInputError, match="are not all positive and finite"):
+            pg.tl.predict_dense(synthetic_small, [model, model], weights=[1, 0], **FAST)
     assert counter.calls == 0 and "he_pixgene" not in synthetic_small.images
 
 

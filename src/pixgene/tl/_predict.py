@@ -276,6 +276,7 @@ class ModelPart:
     reader: Any
     grid: DenseGrid
     tile_hw: tuple[int, int]
+    weight: float = 1.0  # its share of the mean (the weights of a prediction's models sum to 1)
 
 
 def predict_chunks(parts: list, blocks, store, dtype: str, device: str | None,
@@ -283,8 +284,8 @@ def predict_chunks(parts: list, blocks, store, dtype: str, device: str | None,
     """One task: predict a batch of output chunks from equal-size tiles, one call per model.
 
     ``parts``: :class:`ModelPart` objects or tuples of their fields. With several models each reads the
-    chunks' tiles at its own um/px and the chunk is the mean of their maps on the output grid; with one it is
-    that model's map. With a :class:`ChunkStore` each chunk
+    chunks' tiles at its own um/px and the chunk is the weighted mean of their maps on the output grid; with
+    one it is that model's map. With a :class:`ChunkStore` each chunk
     is written and marked, and ``None`` is returned for it; without one the chunks' arrays are returned.
     Image reads run on the synchronous scheduler: inside a distributed worker a nested ``compute`` would
     otherwise queue behind the very task that waits for it. ``threads`` fixes torch's intra-op threads for
@@ -312,9 +313,9 @@ def predict_chunks(parts: list, blocks, store, dtype: str, device: str | None,
                 torch.set_num_threads(before)
         maps = [resample_to_output(one, part.grid, block, x0, y0)
                 for block, (x0, y0), one in zip(blocks, origins, lam, strict=True)]
+        if len(parts) > 1:
+            maps = [part.weight * one for one in maps]
         sums = maps if sums is None else [a + b for a, b in zip(sums, maps, strict=True)]
-    if len(parts) > 1:
-        sums = [a / len(parts) for a in sums]
     results = []
     for block, one in zip(blocks, sums, strict=True):
         values = one.astype(dtype, copy=False)
@@ -388,7 +389,7 @@ def run_chunk_tasks(parts: list[ModelPart], batches, store, dtype, device, threa
                 finally:
                     _move(part.model, home)
                 reader_ref = client.scatter(part.reader, broadcast=True, hash=False)
-                scattered.append((model_ref, reader_ref, part.grid, part.tile_hw))
+                scattered.append((model_ref, reader_ref, part.grid, part.tile_hw, part.weight))
             tasks = [task(scattered, b) for b in batches]  # each worker's own copies, as tuples
             for future in as_completed(client.compute(tasks)):
                 done = future.result()
@@ -424,6 +425,7 @@ def predict_dense(
     image_um_per_px: float | None = None,
     key_added: str | None = None,
     overwrite: bool = False,
+    weights: Any = None,
     chunk_px: int = 256,
     halo_px: int | None = None,
     dtype: str = "float32",
@@ -462,6 +464,9 @@ def predict_dense(
         Name of the new image element; default ``f"{image_key}_pixgene"``.
     overwrite
         Replace an existing element of that name.
+    weights
+        With a list of models: their weights in the mean (positive; scaled to sum to 1), e.g. their numbers
+        of members; default: equal.
     chunk_px
         Output chunk size (output pixels): the unit of work, of resuming and of the zarr chunks. Larger
         chunks spend less on halos and more memory per task.
@@ -502,6 +507,7 @@ def predict_dense(
 
     rgb_array(image, image_key)
     models = _models_to_run(sdata, model)
+    shares = _model_weights(weights, len(models))
     check_positive(um_per_px, "um_per_px", "predict_dense")
     if dtype not in ("float32", "float16"):
         fail("dtype", f"{dtype!r} is not supported", "Use 'float32' or 'float16'")
@@ -554,7 +560,7 @@ def predict_dense(
                 ready = fitted.with_feature_stats(*stats)
             grid = DenseGrid(out_shape, float(um_per_px), ready.encoder_um_per_px, ready.out_um_per_px,
                              ready.out_stride, align, halo)
-            parts.append(ModelPart(ready, reader, grid, grid.tile_shape(blocks)))
+            parts.append(ModelPart(ready, reader, grid, grid.tile_shape(blocks), shares[len(parts)]))
             halos.append((halo, edge_error))
         tissue = _tissue_blocks(mask, blocks, um_per_px / image_um) if skip_background else blocks
         n_out = len(models[0].outputs)
@@ -568,7 +574,7 @@ def predict_dense(
         else:
             params.update(halo_px=[h for h, _ in halos], tile_px=[list(p.tile_hw) for p in parts],
                           model_id="+".join(m.model_id for m in models),
-                          model_ids=[m.model_id for m in models])
+                          model_ids=[m.model_id for m in models], weights=shares)
         partial = _partial_dir(sdata, key)
         store = None if partial is None else _open_partial(partial, params, (n_out, *out_shape), chunk_px)
         done = store.done() if store is not None else set()
@@ -651,6 +657,24 @@ def _models_to_run(sdata: Any, model: Any) -> list:
                  "Fit every model of an ensemble with the same genes= (select them once, pass them to each "
                  "fit)")
     return models
+
+
+def _model_weights(weights: Any, n: int) -> list[float]:
+    """The models' shares of the mean map: ``weights`` checked and scaled to sum to 1 (default: equal)."""
+    if weights is None:
+        return [1.0 / n] * n
+    if n == 1:
+        fail("weights", "were given for a single model", "Pass a list of models, or weights=None")
+    try:
+        values = np.asarray(weights, dtype=float)
+    except (TypeError, ValueError):
+        values = None
+    if values is None or values.ndim != 1 or len(values) != n:
+        fail("weights", f"{weights!r} is not one number per model ({n} models)", f"Pass {n} positive numbers")
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        fail("weights", f"{list(values)} are not all positive and finite",
+             "Pass positive numbers, e.g. [3, 2]")
+    return [float(v) for v in values / values.sum()]
 
 
 def _tissue_blocks(tissue: tuple[np.ndarray, float], blocks: list, image_px_per_out: float) -> list:
