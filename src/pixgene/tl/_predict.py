@@ -33,11 +33,11 @@ lazily, and the partial directory is removed.
 
 Several models
 --------------
-A list of models predicts their mean map. Each model reads a chunk's tile at its own encoder um/px, with its
-own halo and alignment, and its map is resampled to the output grid (area-exact) before the mean, so the
-models need only predict the same outputs: an ensemble of fits at 1 and 2 um/px, of two encoders, or of
-models fitted on different cohorts. Expected counts average, so every read-out of the mean map is the mean
-of the models' read-outs. A chunk is written once every model has predicted it.
+A list of models predicts their mean map (weighted with ``weights=``). Each model reads a chunk's tile at its
+own encoder um/px, with its own halo and alignment, and its map is resampled to the output grid (area-exact)
+before the mean, so the models need only predict the same outputs: an ensemble of fits at 1 and 2 um/px, of
+two encoders, or of models fitted on different cohorts. Expected counts average, so every read-out of the
+mean map is the mean of the models' read-outs. A chunk is written once every model has predicted it.
 """
 
 from __future__ import annotations
@@ -285,12 +285,12 @@ def predict_chunks(parts: list, blocks, store, dtype: str, device: str | None,
 
     ``parts``: :class:`ModelPart` objects or tuples of their fields. With several models each reads the
     chunks' tiles at its own um/px and the chunk is the weighted mean of their maps on the output grid; with
-    one it is that model's map. With a :class:`ChunkStore` each chunk
-    is written and marked, and ``None`` is returned for it; without one the chunks' arrays are returned.
-    Image reads run on the synchronous scheduler: inside a distributed worker a nested ``compute`` would
-    otherwise queue behind the very task that waits for it. ``threads`` fixes torch's intra-op threads for
-    the model calls: CPU kernels split their sums by thread, so the same count everywhere is what makes a
-    cluster's map identical to a local one.
+    one it is that model's map. With a :class:`ChunkStore` each chunk is written and marked, and ``None`` is
+    returned for it; without one the chunks' arrays are returned. Image reads run on the synchronous
+    scheduler: inside a distributed worker a nested ``compute`` would otherwise queue behind the very task
+    that waits for it. ``threads`` fixes torch's intra-op threads for the model calls: CPU kernels split
+    their sums by thread, so the same count everywhere is what makes a cluster's map identical to a local
+    one.
     """
     import dask
     import torch
