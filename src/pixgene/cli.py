@@ -130,7 +130,6 @@ def _predict(args: argparse.Namespace) -> int:
     import pixgene as pg
 
     models = [pg.tl.PixNet.load(path) for path in args.model]
-    model = models[0] if len(models) == 1 else models
     src = Path(args.image)
     if src.suffix == ".zarr" or src.is_dir():
         sdata = sd.read_zarr(src)
@@ -156,7 +155,7 @@ def _predict(args: argparse.Namespace) -> int:
             return 2
         sdata.write(out, overwrite=args.overwrite)
         sdata = sd.read_zarr(out)
-    pg.tl.predict_dense(sdata, model, image_key=image_key, um_per_px=args.um_per_px,
+    pg.tl.predict_dense(sdata, models, image_key=image_key, um_per_px=args.um_per_px,
                         image_um_per_px=args.image_um_per_px, overwrite=args.overwrite)
     print(f"wrote {image_key}_pixgene to {out}")
     return 0

@@ -279,23 +279,21 @@ class ModelPart:
     weight: float = 1.0  # its share of the mean (the weights of a prediction's models sum to 1)
 
 
-def predict_chunks(parts: list, blocks, store, dtype: str, device: str | None,
+def predict_chunks(parts: list[ModelPart], blocks, store, dtype: str, device: str | None,
                    threads: int | None = None):
     """One task: predict a batch of output chunks from equal-size tiles, one call per model.
 
-    ``parts``: :class:`ModelPart` objects or tuples of their fields. With several models each reads the
-    chunks' tiles at its own um/px and the chunk is the weighted mean of their maps on the output grid; with
-    one it is that model's map. With a :class:`ChunkStore` each chunk is written and marked, and ``None`` is
-    returned for it; without one the chunks' arrays are returned. Image reads run on the synchronous
-    scheduler: inside a distributed worker a nested ``compute`` would otherwise queue behind the very task
-    that waits for it. ``threads`` fixes torch's intra-op threads for the model calls: CPU kernels split
-    their sums by thread, so the same count everywhere is what makes a cluster's map identical to a local
-    one.
+    ``parts``: one :class:`ModelPart` per model. With several models each reads the chunks' tiles at its own
+    um/px and the chunk is the weighted mean of their maps on the output grid; with one it is that model's
+    map. With a :class:`ChunkStore` each chunk is written and marked, and ``None`` is returned for it;
+    without one the chunks' arrays are returned. Image reads run on the synchronous scheduler: inside a
+    distributed worker a nested ``compute`` would otherwise queue behind the very task that waits for it.
+    ``threads`` fixes torch's intra-op threads for the model calls: CPU kernels split their sums by thread,
+    so the same count everywhere is what makes a cluster's map identical to a local one.
     """
     import dask
     import torch
 
-    parts = [p if isinstance(p, ModelPart) else ModelPart(*p) for p in parts]
     sums: list[np.ndarray] | None = None
     for part in parts:
         _move(part.model, device or _default_device())
@@ -389,8 +387,8 @@ def run_chunk_tasks(parts: list[ModelPart], batches, store, dtype, device, threa
                 finally:
                     _move(part.model, home)
                 reader_ref = client.scatter(part.reader, broadcast=True, hash=False)
-                scattered.append((model_ref, reader_ref, part.grid, part.tile_hw, part.weight))
-            tasks = [task(scattered, b) for b in batches]  # each worker's own copies, as tuples
+                scattered.append(ModelPart(model_ref, reader_ref, part.grid, part.tile_hw, part.weight))
+            tasks = [task(scattered, b) for b in batches]  # each worker runs its own copies
             for future in as_completed(client.compute(tasks)):
                 done = future.result()
                 results.extend(done)
@@ -533,7 +531,9 @@ def predict_dense(
     from ..data._mask import tissue_mask
     from ..data._reader import SlideReader
 
-    H0, W0 = SlideReader(image, image_um=image_um, target_um=image_um, name=image_key).shape_level0
+    readers = [SlideReader(image, image_um=image_um, target_um=m.encoder_um_per_px, name=image_key)
+               for m in models]
+    H0, W0 = readers[0].shape_level0
     out_shape = (int(np.ceil(H0 * image_um / um_per_px)), int(np.ceil(W0 * image_um / um_per_px)))
     blocks = chunk_blocks(out_shape, chunk_px)
     original_devices = [_device_of(m) for m in models]
@@ -542,9 +542,8 @@ def predict_dense(
         mask = tissue_mask(sdata, image_key, image_um_per_px=image_um) if (
             skip_background or any(m.slide_standardized for m in models)) else None
         parts, halos = [], []
-        for fitted in models:
+        for fitted, reader in zip(models, readers, strict=True):
             _move(fitted, local_device)
-            reader = SlideReader(image, image_um=image_um, target_um=fitted.encoder_um_per_px, name=image_key)
             align = fitted.alignment
             if halo_px is None:
                 halo, edge_error = tiling_halo(fitted)
