@@ -6,9 +6,9 @@ Datasets and folds
     ``log1p(1e4 * counts / total)`` per spot, total = every gene of the spot. Metrics on the held-out section's
     spots: PCC@F/S/M (first quartile, median, mean over genes of the per-gene Pearson r across spots), MSE, MAE.
 
-Methods (the same frozen encoder everywhere: the bundled ImageNet EfficientNet-Lite0, reading the images at
-pixgene's default um/px: the encoder's 1 um/px, or an image's own um/px where that is coarser, as on st_mob;
-patch and superpixel sizes are in encoder pixels, so the um below hold at 1 um/px)
+Methods (the same frozen encoder everywhere but in ``pixgene_lite1``: the bundled ImageNet EfficientNet-Lite0,
+reading the images at pixgene's default um/px: the encoder's 1 um/px, or an image's own um/px where that is
+coarser, as on st_mob; patch and superpixel sizes are in encoder pixels, so the um below hold at 1 um/px)
     mean      the training-mean expression of each gene (constant: its Pearson r is undefined, shown as n/a)
     ridge     HEST-Benchmark style: encoder embedding of a 224 um patch on each spot (pooled last level),
               PCA to 256 dimensions, ridge with the penalty chosen by cross-validation on the training spots
@@ -29,7 +29,9 @@ patch and superpixel sizes are in encoder pixels, so the um below hold at 1 um/p
               (``pixgene_smooth``: ``smooth_windows=True, attention_window=4``; no window lattice in the map,
               about the default's attention compute); the default and one decoder with every training tile
               encoded alone, without the 128 encoder pixels of image around it that the default encodes and
-              crops away (``pixgene_tile_alone``, ``pixgene_single_tile_alone``: ``tile_context_px=0``)
+              crops away (``pixgene_tile_alone``, ``pixgene_single_tile_alone``: ``tile_context_px=0``); the
+              default on ImageNet EfficientNet-Lite1 (``pixgene_lite1``: ``encoder="efficientnet_lite1"``,
+              weights from ``pixgene[lite]``; the baselines keep Lite0)
 
 Cross-scale (synthetic data, truth known everywhere)
     Fit on 100 um spots only, read the dense map out over 2, 8, 16 and 55 um square bins and over the
@@ -79,6 +81,7 @@ PIXGENE = {
     # the default before 2026-11-30 evening: every training tile encoded alone (no image around it)
     "pixgene_tile_alone": {"tile_context_px": 0},
     "pixgene_single_tile_alone": {**SINGLE, "tile_context_px": 0},
+    "pixgene_lite1": {"encoder": "efficientnet_lite1"},
 }
 #: one-decoder methods that are member 0 of another method's model: {single: its ensemble}
 SINGLE_OF = {"pixgene_single": "pixgene", "pixgene_single_tile_alone": "pixgene_tile_alone"}

