@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -66,8 +67,10 @@ def lite0():
     return build_encoder("efficientnet_lite0")
 
 
+@functools.cache
 def _lite_classifier(n: int):
-    """timm's full efficientnet_lite<n> (classifier included) carrying the bundled weights."""
+    """timm's full efficientnet_lite<n> (classifier included) carrying the bundled weights; built once per
+    module run and only read (eval mode, no gradients) by the tests that share it."""
     timm = _timm()
     # as pixgene builds it
     model = timm.create_model(f"efficientnet_lite{n}", pretrained=False, pad_type="same")
