@@ -1108,3 +1108,22 @@ def test_cache_read_ahead_keeps_the_views_and_their_jitter_in_order(monkeypatch)
         for va, vp in zip(ta, tp, strict=True):
             assert va.dihedral == vp.dihedral
             np.testing.assert_array_equal(va.cols, vp.cols)
+
+
+def test_fit_on_fewer_than_ten_spots_trains_every_epoch_without_validation(synthetic_small):
+    """Under 10 spots none is held out for validation: no early stopping, all epochs run, the last kept."""
+    import pixgene as pg
+    from conftest import FIT_GENES
+
+    spots = synthetic_small.shapes["spots"]
+    keep = spots.index[:8]
+    synthetic_small.shapes["spots"] = spots.loc[keep]
+    t = synthetic_small.tables["table"]
+    rows = t.obs[t.uns["spatialdata_attrs"]["instance_key"]].isin(keep).to_numpy()
+    synthetic_small.tables["table"] = t[rows].copy()
+    model = pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], max_epochs=3, n_views=1, width=8, n_members=1,
+                      progress=False)
+    assert model.training["best_val_loss"] is None
+    assert model.training["epochs_run"] == 3 and model.training["best_epoch"] == 2
+    assert [h["epoch"] for h in model.history] == [0, 1, 2]
+    assert all("val_loss" not in h for h in model.history)

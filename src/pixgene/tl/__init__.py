@@ -2,10 +2,11 @@
 
 from ._aggregate import aggregate
 from ._baselines import colour_control
+from ._denoise import denoise
 from ._evaluate import Scores, evaluate
 from ._fit import fit
 from ._grid import make_grid
 from ._model import PixNet
 from ._predict import predict_dense
 
-__all__ = ["PixNet", "Scores", "aggregate", "colour_control", "evaluate", "fit", "make_grid", "predict_dense"]
+__all__ = ["PixNet", "Scores", "aggregate", "colour_control", "denoise", "evaluate", "fit", "make_grid", "predict_dense"]

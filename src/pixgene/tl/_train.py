@@ -446,7 +446,13 @@ def train(
         # listed after KeepBest: at the end of validation KeepBest copies the averaged weights, then these
         # put the raw ones back
         callbacks.append(WeightAverage(ema_decay))
-    callbacks.append(EarlyStopping("val_loss", patience=patience, mode="min"))
+    # fewer than 10 training spots have no validation spots (fit's split): train for max_epochs, keep the last
+    validate = bool(has_val.any())
+    if validate:
+        callbacks.append(EarlyStopping("val_loss", patience=patience, mode="min"))
+    else:
+        logger.warning("no validation spots (fewer than 10 spots): training for all %d epochs, without early "
+                       "stopping, and keeping the last epoch's weights", max_epochs)
     with _quiet_lightning(), _restoring_torch_flags():
         trainer = L.Trainer(
             max_epochs=max_epochs,
@@ -465,7 +471,9 @@ def train(
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
             # Lightning 2.6 against torch 2.13 (its own code; nothing a user can act on)
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-            trainer.fit(plan, train_loader, val_loader)
+            # no validation spots (see above): nothing to validate, on purpose
+            warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no `val_dataloader`")
+            trainer.fit(plan, train_loader, val_loader if validate else None)
     if keep.state is not None:
         plan.load_state_dict(keep.state)
     plan.to("cpu")
@@ -473,8 +481,8 @@ def train(
     module.head.to(memory_format=torch.contiguous_format)
     eff = (plan.log_efficiency - plan.log_efficiency.mean()).exp().detach().cpu().numpy()
     summary = {
-        "best_epoch": keep.best_epoch,
-        "best_val_loss": keep.best,
+        "best_epoch": keep.best_epoch if validate else int(trainer.current_epoch) - 1,
+        "best_val_loss": keep.best if validate else None,
         "epochs_run": int(trainer.current_epoch),
         "capture_efficiency": eff.tolist(),
         "theta": plan.log_theta.exp().detach().cpu().numpy().tolist(),
