@@ -8,7 +8,7 @@ import pytest
 import pixgene as pg
 from conftest import FIT_GENES
 from pixgene._validate import PixgeneInputError
-from pixgene.tl._denoise import spatial_folds, spot_pitch_um
+from pixgene.tl._denoise import gamma_poisson_posterior, spatial_folds, spot_pitch_um
 
 #: tiny fits: plumbing, not accuracy
 FAST = dict(max_epochs=1, n_views=1, width=8, n_members=1)
@@ -52,11 +52,13 @@ def _refuse_fits(monkeypatch, why: str) -> None:
 
 def test_denoise_predicts_each_spot_with_a_model_fitted_without_its_fold(synthetic_small, tmp_path, monkeypatch):
     """Fold k's values are those of a model fitted, with the same settings, on the other fold's spots (built
-    here by dropping rows from the SpatialData): the same model id and the same read-out over fold k's spots.
-    Called again with the checkpoint directory, nothing is fitted and the table is the same."""
+    here by dropping rows from the SpatialData) and the further slide: the same model id and the same read-out
+    over fold k's spots. Called again with the checkpoint directory, nothing is fitted and the table is the
+    same; a run with other settings refuses the directory."""
     genes = FIT_GENES[:3]
+    other = pg.datasets.synthetic(seed=5, size_um=320.0)  # a further slide that trains every fold
     table = pg.tl.denoise(synthetic_small, genes=genes, n_folds=2, random_state=4, progress=False,
-                          checkpoint_dir=tmp_path / "ck", **FAST)
+                          train_with=other, checkpoint_dir=tmp_path / "ck", **FAST)
     spots = synthetic_small.shapes["spots"]
     assert list(table.obs_names) == [str(i) for i in spots.index]  # every spot has counts here
     assert synthetic_small.tables["spots_denoised"] is table
@@ -68,15 +70,27 @@ def test_denoise_predicts_each_spot_with_a_model_fitted_without_its_fold(synthet
     assert np.array_equal(table.obs["pixgene_fold"].to_numpy(), fold)
     assert table.uns["pixgene"]["params"]["block_um"] == pytest.approx(4 * spot_pitch_um(xy))
 
+    # the posterior layer: the measured counts (matched by instance id) and X, on the slide's depth
+    t = synthetic_small.tables["table"]
+    ids = t.obs[t.uns["spatialdata_attrs"]["instance_key"]].astype(str).tolist()
+    measured = t[[ids.index(i) for i in table.obs_names]]
+    X = measured[:, genes].X
+    y = np.column_stack([X.toarray() if hasattr(X, "toarray") else X, np.asarray(measured.X.sum(1)).ravel()])
+    mu = np.column_stack([table.X, table.obs["pixgene_total_counts"]])
+    post, _ = gamma_poisson_posterior(y, mu * y[:, -1].sum() / mu[:, -1].sum())
+    np.testing.assert_allclose(table.layers["pixgene_posterior"], post[:, :-1], rtol=1e-5)
+    np.testing.assert_allclose(table.obs["pixgene_posterior_total_counts"], post[:, -1], rtol=1e-9)
+
     held = np.flatnonzero(fold == 1)
     train = synthetic_small.subset(["he", "spots", "table"])
     keep = spots.index[fold == 0]
     train.shapes["spots"] = spots.loc[keep]
     t = synthetic_small.tables["table"]
     train.tables["table"] = t[t.obs[t.uns["spatialdata_attrs"]["instance_key"]].isin(keep).to_numpy()].copy()
-    model = pg.tl.fit(train, genes=genes, random_state=4, progress=False, **FAST)
+    model = pg.tl.fit([train, other], genes=genes, random_state=4, progress=False, **FAST)
     assert model.model_id == table.uns["pixgene"]["folds"]["1"]["model_id"]
     assert table.uns["pixgene"]["folds"]["1"]["n_train_spots"] == len(keep)
+    assert table.uns["pixgene"]["folds"]["1"]["n_train_spots_other_slides"] == len(other.shapes["spots"])
     pg.tl.predict_dense(synthetic_small, model, key_added="fold1_map", progress=False)
     ref = pg.tl.aggregate(synthetic_small, shapes="spots", dense_key="fold1_map", inplace=False, progress=False)
     np.testing.assert_allclose(table.X[held], ref[:, genes].X[held], rtol=1e-5)
@@ -87,14 +101,14 @@ def test_denoise_predicts_each_spot_with_a_model_fitted_without_its_fold(synthet
     # resumed: both folds are read back, nothing is fitted, the same values
     _refuse_fits(monkeypatch, "fit ran on a resumed denoise")
     again = pg.tl.denoise(synthetic_small, genes=genes, n_folds=2, random_state=4, progress=False,
-                          checkpoint_dir=tmp_path / "ck", key_added="again", **FAST)
+                          train_with=other, checkpoint_dir=tmp_path / "ck", key_added="again", **FAST)
     np.testing.assert_array_equal(again.X, table.X)
     assert again.uns["pixgene"]["model_ids"] == table.uns["pixgene"]["model_ids"]
     # another seed deals other folds: the directory holds another run's folds and is left alone
     before = (tmp_path / "ck" / "fold_0" / "denoised.h5ad").read_bytes()
     with pytest.raises(PixgeneInputError, match=r"checkpoint_dir .*ck.* fold 0 of another denoise run"):
         pg.tl.denoise(synthetic_small, genes=genes, n_folds=2, random_state=5, progress=False,
-                      checkpoint_dir=tmp_path / "ck", key_added="other", **FAST)
+                      train_with=other, checkpoint_dir=tmp_path / "ck", key_added="other", **FAST)
     assert (tmp_path / "ck" / "fold_0" / "denoised.h5ad").read_bytes() == before
 
 
@@ -118,8 +132,6 @@ def test_denoise_refuses_bad_input_before_any_work(synthetic_small, monkeypatch)
 
 def test_gamma_poisson_posterior_matches_numerical_integration_and_shrinks_the_error():
     from scipy import integrate, stats
-
-    from pixgene.tl._denoise import gamma_poisson_posterior
 
     rng = np.random.default_rng(0)
     n, a = 4000, np.array([2.0, 20.0])

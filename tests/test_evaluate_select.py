@@ -171,3 +171,12 @@ def test_log_normalize_matches_scanpy_and_evaluate(fitted_session, caplog):
         pg.pp.log_normalize(off, overwrite=True)
     with pytest.raises(PixgeneInputError, match="target_sum"):
         pg.pp.log_normalize(pred, target_sum=0, inplace=False)
+    # a layer instead of X (with its own totals column, or its row sums)
+    pred.layers["doubled"] = pred.X * 2.0
+    pred.obs["doubled_total"] = pred.obs["pixgene_total_counts"] * 2.0
+    np.testing.assert_allclose(pg.pp.log_normalize(pred, layer="doubled", total="doubled_total", inplace=False),
+                               by_hand.X, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pg.pp.log_normalize(pred, layer="doubled", total=None, inplace=False),
+                               pg.pp.log_normalize(pred, total=None, inplace=False), rtol=1e-5, atol=1e-6)
+    with pytest.raises(PixgeneInputError, match="layer 'missing'"):
+        pg.pp.log_normalize(pred, layer="missing", inplace=False)

@@ -21,6 +21,7 @@ def log_normalize(
     adata: Any,
     *,
     total: str | None = TOTAL_OBS,
+    layer: str | None = None,
     target_sum: float = NORMALIZE_TARGET,
     layer_added: str = LOGNORM_LAYER,
     overwrite: bool = False,
@@ -43,6 +44,9 @@ def log_normalize(
     total
         ``obs`` column with each row's library size (default the read-out's predicted one). ``None``: the row
         sums of ``X`` (a table of raw counts over all its genes, as scanpy would normalise it).
+    layer
+        Layer holding the values to normalise; default ``X``. E.g. the posterior of
+        :func:`pixgene.tl.denoise`: ``layer="pixgene_posterior", total="pixgene_posterior_total_counts"``.
     target_sum
         Counts per row after scaling (1e4, as in training and :func:`pixgene.tl.evaluate`).
     layer_added
@@ -57,10 +61,14 @@ def log_normalize(
     None, or with ``inplace=False`` the float32 values (sparse CSR when ``X`` is sparse). Rows whose library
     size is zero (shapes entirely off the map) stay zero; a warning gives their number.
     """
-    x = adata.X
+    if layer is not None and layer not in adata.layers:
+        have = ", ".join(map(repr, adata.layers)) or "none"
+        fail(f"layer {layer!r}", f"not found (the table's layers are: {have})",
+             "Pass layer=None to normalise X, or the name of a layer of counts")
+    x = adata.X if layer is None else adata.layers[layer]
     if total is None:
         totals = np.asarray(x.sum(1), dtype=np.float64).ravel()
-        where = "the row sums of X"
+        where = "the row sums of X" if layer is None else f"the row sums of layer {layer!r}"
     else:
         if total not in adata.obs:
             have = ", ".join(map(repr, adata.obs.columns)) or "none"
