@@ -350,9 +350,10 @@ def denoise(
                         table_key=table_key, um_per_px=[slide.um_per_px] + [None] * len(others),
                         random_state=random_state, checkpoint_dir=fold_dir, progress=progress, **fit_kwargs)
             held_sdata = _subset(sdata, image_key, shapes_key, shapes_pos[held])
+            fold_map = f"{image_key}_fold_{k}"  # in the working object only, never in sdata
             predict_dense(held_sdata, model, image_key=image_key, um_per_px=um_per_px,
-                          image_um_per_px=slide.um_per_px, key_added="dense", progress=progress)
-            part = aggregate(held_sdata, shapes=shapes_key, dense_key="dense", image_key=image_key,
+                          image_um_per_px=slide.um_per_px, key_added=fold_map, progress=progress)
+            part = aggregate(held_sdata, shapes=shapes_key, dense_key=fold_map, image_key=image_key,
                              inplace=False, progress=False)
             part.uns[UNS_KEY] = {"model_id": model.model_id, "n_train_spots": int(len(train)),
                                  "n_train_spots_other_slides": int(sum(len(s.centers) for s in other_slides)),
