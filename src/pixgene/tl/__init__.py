@@ -9,4 +9,5 @@ from ._grid import make_grid
 from ._model import PixNet
 from ._predict import predict_dense
 
-__all__ = ["PixNet", "Scores", "aggregate", "colour_control", "denoise", "evaluate", "fit", "make_grid", "predict_dense"]
+__all__ = ["PixNet", "Scores", "aggregate", "colour_control", "denoise", "evaluate", "fit", "make_grid",
+           "predict_dense"]
