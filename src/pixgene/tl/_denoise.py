@@ -126,12 +126,6 @@ def _subset(sdata: Any, image_key: str, shapes_key: str, shapes_pos: np.ndarray,
     return sub
 
 
-def _digest(values: Any) -> str:
-    import hashlib
-
-    return hashlib.sha256("\x1f".join(map(str, values)).encode()).hexdigest()[:32]
-
-
 class _FoldResults:
     """The finished folds' read-outs in ``path/fold_<k>/denoised.h5ad``, each under a fingerprint of what it
     depends on; one with another fingerprint is never overwritten."""
@@ -154,24 +148,28 @@ class _FoldResults:
     def _file(self, k: int) -> Path:
         return self.directory(k) / "denoised.h5ad"
 
-    def _fingerprint(self, k: int) -> str | None:
+    def _read(self, k: int):
+        """Fold ``k``'s saved table and its fingerprint, or ``(None, None)``."""
         import anndata as ad
 
         if self.path is None or not self._file(k).is_file():
-            return None
+            return None, None
         try:
-            return str(ad.read_h5ad(self._file(k)).uns[UNS_KEY]["fold_fingerprint"])
+            table = ad.read_h5ad(self._file(k))
+            return table, str(table.uns[UNS_KEY]["fold_fingerprint"])
         except (OSError, KeyError, ValueError):
             fail(f"checkpoint_dir {str(self.path)!r}", f"fold_{k}/denoised.h5ad is not a denoise result",
                  "Delete it to compute that fold again, or pass another directory")
 
-    def load(self, k: int):
-        import anndata as ad
+    def _fingerprint(self, k: int) -> str | None:
+        return self._read(k)[1]
 
-        if self._fingerprint(k) is None:
-            return None
-        logger.info("fold %d loaded from %s (computed before; not fitted again)", k, self._file(k))
-        return ad.read_h5ad(self._file(k))
+    def load(self, k: int):
+        """Fold ``k``'s saved table (its fingerprint checked when the directory was opened), or None."""
+        table, _ = self._read(k)
+        if table is not None:
+            logger.info("fold %d loaded from %s (computed before; not fitted again)", k, self._file(k))
+        return table
 
     def save(self, k: int, table) -> None:
         if self.path is None:
@@ -270,7 +268,7 @@ def denoise(
 
     from .._keys import INSTANCE_KEY, REGION_KEY
     from ._aggregate import aggregate
-    from ._fit import _as_list, _resolve_genes, fit
+    from ._fit import _as_list, _resolve_genes, counts_with_library, fit
     from ._inputs import linked_table_rows, prepare_spot_slide
     from ._predict import predict_dense
 
@@ -323,13 +321,11 @@ def denoise(
         from ._checkpoint import image_hash, record_fingerprint, slide_digest
 
         def digest(s) -> str:
-            X = s.table[:, genes].X
-            X = X.toarray() if hasattr(X, "toarray") else np.asarray(X)
-            counts = np.column_stack([X, np.asarray(s.table.X.sum(1)).ravel()])
-            return slide_digest(image_hash(s.sdata.images[image_key]), s.centers, s.radius, counts, s.um_per_px)
+            return slide_digest(image_hash(s.sdata.images[image_key]), s.centers, s.radius,
+                                counts_with_library(s.table, genes), s.um_per_px)
 
         common = {**params, "pixgene": pixgene.__version__, "slides": [digest(s) for s in [slide, *other_slides]]}
-        fingerprints = [record_fingerprint({**common, "fold": k, "held_out": _digest(ids[fold == k])})
+        fingerprints = [record_fingerprint({**common, "fold": k, "held_out": [str(i) for i in ids[fold == k]]})
                         for k in range(n_folds)]
         results = _FoldResults(checkpoint_dir, fingerprints)
     logger.info("denoising %d spots in %d folds of %g um blocks (%d blocks; spot pitch %.0f um)", n, n_folds,
@@ -377,10 +373,7 @@ def denoise(
     joined.obs_names = pd.Index([str(i) for i in ids], dtype=str)
     # the measurement and the out-of-fold prediction together (Gamma-Poisson posterior mean), the predictions
     # first put on the slide's own depth (one factor: the measured over the predicted library sizes)
-    measured = table[table_rows]
-    y = measured[:, genes].X
-    y = y.toarray() if hasattr(y, "toarray") else np.asarray(y)
-    y = np.column_stack([y, np.asarray(measured.X.sum(1)).ravel()])
+    y = counts_with_library(table[table_rows], genes)
     mu = np.column_stack([np.asarray(joined.X, dtype=np.float64), joined.obs[TOTAL_OBS].to_numpy(float)])
     depth = float(y[:, -1].sum() / max(mu[:, -1].sum(), 1e-12))
     post, inv_shape = gamma_poisson_posterior(y, mu * depth)

@@ -33,6 +33,13 @@ SELECTED_VAR = "pixgene_selected"
 DEFAULT_MEMBERS = 5
 
 
+def counts_with_library(table: Any, genes: Sequence[str]) -> np.ndarray:
+    """Raw counts of ``genes`` then each row's library size (all genes of ``table``): what training fits."""
+    X = table[:, list(genes)].X
+    library = np.asarray(table.X.sum(1)).ravel()
+    return np.column_stack([X.toarray() if sp.issparse(X) else np.asarray(X), library])
+
+
 def _as_list(x: Any) -> list:
     return list(x) if isinstance(x, list | tuple) else [x]
 
@@ -447,9 +454,7 @@ def fit(
     radii = []
     for i, s in enumerate(slides):
         reader = SlideReader(s.sdata.images[image_key], image_um=s.um_per_px, target_um=enc_um, name=image_key)
-        X = s.table[:, genes].X
-        library = np.asarray(s.table.X.sum(1)).ravel()
-        counts = np.column_stack([X.toarray() if sp.issparse(X) else np.asarray(X), library]).astype(np.float32)
+        counts = counts_with_library(s.table, genes).astype(np.float32)
         radius = float(np.median(s.radius)) / reader.factor
         train_mask = _validation_split(len(counts), val_fraction, rng)
         train_slides.append(
