@@ -8,6 +8,9 @@ CELLS_KEY = "cells"
 TABLE_KEY = "table"
 TRUTH_KEY = "truth"
 EXPECTED_TRUTH_KEY = "truth_expected"
+#: the synthetic slide's square bins (Visium HD-like) and their counts
+BINS_KEY = "bins"
+BINS_TABLE_KEY = "bins_table"
 
 #: key of the per-slide record in ``sdata.attrs`` and of parameters in ``adata.uns``
 UNS_KEY = "pixgene"

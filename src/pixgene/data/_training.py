@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._augment import dihedral, stain_jitter
-from ._geometry import circle_weights
+from ._geometry import circle_weights, polygon_weights
 from ._reader import SlideReader
 
 logger = logging.getLogger(__name__)
@@ -22,44 +22,113 @@ class SlideSpots:
     name: str
     reader: SlideReader
     centers: np.ndarray  # (n, 2) x, y in encoder pixels
-    radius: float  # encoder pixels
+    radius: float | np.ndarray  # encoder pixels: circles' radius, or each polygon's half extent
     counts: np.ndarray  # (n, G + 1): selected genes then the library size
     train_mask: np.ndarray  # (n,) bool; False = held out for validation
     slide_index: int = 0
+    #: (n,) shapely polygons in encoder pixels when the spots are polygons (square bins, ...); None for circles
+    polygons: np.ndarray | None = None
+
+    def area_operator(self, ids: np.ndarray, scale: float, corner: tuple[int, int], stride: int, n_out: int):
+        """Sparse (len(ids), n_out * n_out) exact overlap areas (output px^2) of spots ``ids`` with the output
+        pixels of a view read at ``scale`` encoder pixels per pixel, its top-left corner at ``corner`` (view
+        pixels)."""
+        if self.polygons is None:
+            centers_out = (self.centers[ids] / scale - np.asarray(corner)) / stride
+            return circle_weights(centers_out, np.full(len(ids), self.radius / scale / stride), (n_out, n_out))
+        from ..tl._inputs import scaled_polygons
+
+        f = 1.0 / (scale * stride)
+        placed = scaled_polygons(self.polygons[ids], f, (corner[0] / stride, corner[1] / stride))
+        return polygon_weights(placed, (n_out, n_out))
 
 
-def plan_tiles(centers: np.ndarray, radius: float, tile: int, margin: int) -> np.ndarray:
+def plan_tiles(centers: np.ndarray, radius, tile: int, margin: int) -> np.ndarray:
     """Top-left corners of few tiles such that every spot lies fully inside the core of at least one.
 
-    Candidates on a grid fine enough that each spot fits some candidate; then a greedy set cover.
+    ``radius`` is one value for every spot or one per spot (a polygon's half extent). Candidates on a grid fine
+    enough that each spot fits some candidate; then a greedy set cover (the candidate that holds the most spots
+    not yet covered, the first in row-major order on ties). Each spot's candidates are found from its position
+    on the grid, so memory and time grow with the number of spots, not with spots x candidates.
     """
+    centers = np.asarray(centers, dtype=float).reshape(-1, 2)
+    n = len(centers)
+    r = np.broadcast_to(np.asarray(radius, dtype=float), (n,))
+    r_max = float(r.max()) if n else float(np.max(radius, initial=0.0))
     core = tile - 2 * margin
-    if 2 * radius > core:
-        raise ValueError(f"spots of diameter {2 * radius:.0f} px do not fit a {tile} px tile with margin {margin}")
-    step = max(8, int((core - 2 * radius) // 2))
+    if 2 * r_max > core:
+        raise ValueError(f"spots of diameter {2 * r_max:.0f} px do not fit a {tile} px tile with margin {margin}")
+    if n == 0:
+        return np.zeros((0, 2), dtype=int)
+    step = max(8, int((core - 2 * r_max) // 2))
     lo = np.floor(centers.min(0) - tile).astype(int)
     hi = np.ceil(centers.max(0)).astype(int)
-    xs = np.arange(lo[0], hi[0] + 1, step)
-    ys = np.arange(lo[1], hi[1] + 1, step)
-    cand = np.stack(np.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
-    inside = spots_inside(cand, centers, radius, tile, margin)  # (n_cand, n_spots)
-    keep = inside.any(1)
-    cand, inside = cand[keep], inside[keep]
-    uncovered = np.ones(len(centers), dtype=bool)
+    axes = [np.arange(lo[k], hi[k] + 1, step) for k in (0, 1)]
+    nx_all = len(axes[0])
+    pairs = [_candidate_pairs(centers[i : i + _PLAN_CHUNK], r[i : i + _PLAN_CHUNK], i, axes, lo, step, tile, margin)
+             for i in range(0, n, _PLAN_CHUNK)]
+    cand = np.concatenate([c for c, _ in pairs])  # grouped by spot, spots in order
+    spot = np.concatenate([j for _, j in pairs])
+    spot_start = np.searchsorted(spot, np.arange(n + 1))
+    by_cand = np.argsort(cand, kind="stable")
+    cand_spots = spot[by_cand]
+    cand_start = np.searchsorted(cand[by_cand], np.arange(nx_all * len(axes[1]) + 1))
+    gain = np.bincount(cand, minlength=nx_all * len(axes[1]))
+    uncovered = np.ones(n, dtype=bool)
     chosen = []
-    while uncovered.any():
-        gain = (inside & uncovered[None, :]).sum(1)
+    while True:
         best = int(np.argmax(gain))
         if gain[best] == 0:
             break
-        chosen.append(cand[best])
-        uncovered &= ~inside[best]
+        chosen.append((axes[0][best % nx_all], axes[1][best // nx_all]))
+        newly = cand_spots[cand_start[best] : cand_start[best + 1]]
+        newly = newly[uncovered[newly]]
+        uncovered[newly] = False
+        # every candidate that held a newly covered spot gains one spot less
+        np.subtract.at(gain, cand[_ranges(spot_start[newly], spot_start[newly + 1])], 1)
     return np.asarray(chosen, dtype=int).reshape(-1, 2)
 
 
-def spots_inside(corners: np.ndarray, centers: np.ndarray, radius: float, tile: int, margin: int) -> np.ndarray:
-    lo = corners[:, None, :] + margin + radius
-    hi = corners[:, None, :] + tile - margin - radius
+#: spots whose candidate tiles are listed at a time (bounds the memory of planning a grid of many bins)
+_PLAN_CHUNK = 32768
+
+
+def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """The concatenation of ``arange(a, b)`` for every ``(a, b)`` of ``starts``, ``stops``."""
+    lengths = stops - starts
+    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(starts, lengths) + offsets
+
+
+def _candidate_pairs(centers, r, first_spot, axes, lo, step, tile, margin) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate, spot) of every candidate corner whose tile core holds a spot: each spot's range of corners
+    on the grid, one wider on each side, then the exact comparison :func:`spots_inside` makes."""
+    lims = []
+    for k in (0, 1):
+        a = np.floor((centers[:, k] + r - tile + margin - lo[k]) / step).astype(np.int64) - 1
+        z = np.floor((centers[:, k] - r - margin - lo[k]) / step).astype(np.int64) + 1
+        lims.append((np.clip(a, 0, len(axes[k]) - 1), np.clip(z, 0, len(axes[k]) - 1)))
+    (x_a, x_z), (y_a, y_z) = lims
+    nx = np.maximum(x_z - x_a + 1, 0)
+    per_spot = nx * np.maximum(y_z - y_a + 1, 0)
+    spot = np.repeat(np.arange(len(centers)), per_spot)
+    k = _ranges(np.zeros(len(centers), dtype=np.int64), per_spot)
+    ix = x_a[spot] + k % np.maximum(nx, 1)[spot]
+    iy = y_a[spot] + k // np.maximum(nx, 1)[spot]
+    cx, cy, rr = centers[spot, 0], centers[spot, 1], r[spot]
+    gx, gy = axes[0][ix], axes[1][iy]
+    ok = ((cx >= gx + margin + rr) & (cx <= gx + tile - margin - rr)
+          & (cy >= gy + margin + rr) & (cy <= gy + tile - margin - rr))
+    return (iy * len(axes[0]) + ix)[ok], spot[ok] + first_spot
+
+
+def spots_inside(corners: np.ndarray, centers: np.ndarray, radius, tile: int, margin: int) -> np.ndarray:
+    """(n_corners, n_spots): whether each spot (``radius`` one value or one per spot) lies in each tile's core."""
+    r = np.asarray(radius, dtype=float)
+    if r.ndim:
+        r = r[None, :, None]
+    lo = corners[:, None, :] + margin + r
+    hi = corners[:, None, :] + tile - margin - r
     c = centers[None, :, :]
     return np.all((c >= lo) & (c <= hi), axis=-1)
 
@@ -161,7 +230,8 @@ def build_cache(
                 scale = 1.0 if v == 0 or scale_jitter <= 0 else float(rng.uniform(1 - scale_jitter, 1 + scale_jitter))
                 # the tile's centre stays put on the slide; coordinates below are in pixels of the view's grid
                 cx, cy = round((x0 + tile / 2) / scale - tile / 2), round((y0 + tile / 2) / scale - tile / 2)
-                shift = (0, 0) if v == 0 else _random_shift(slide.centers[ids] / scale, slide.radius / scale,
+                r = slide.radius[ids] if np.ndim(slide.radius) else slide.radius
+                shift = (0, 0) if v == 0 else _random_shift(slide.centers[ids] / scale, r / scale,
                                                             cx, cy, tile, margin, s, rng)
                 tile_jobs.append((si, int(cx + shift[0]), int(cy + shift[1]), v, d, v > 0, scale))
             jobs.append(tile_jobs)
@@ -234,8 +304,7 @@ def build_cache(
             slide = slides[si]
             centers, radius = slide.centers / scale, slide.radius / scale
             ids = np.flatnonzero(spots_inside(np.array([[x0, y0]]), centers, radius, tile, margin)[0])
-            centers_out = (centers[ids] - np.array([x0, y0])) / s
-            op = circle_weights(centers_out, np.full(len(ids), radius / s), (tile // s, tile // s)).tocoo()
+            op = slide.area_operator(ids, scale, (x0, y0), s, tile // s).tocoo()
             tile_views.append(
                 TileView(si, ids, op.row.astype(np.int64), op.col.astype(np.int64),
                          op.data * (out_um * scale) ** 2, d)
@@ -249,8 +318,13 @@ def _random_shift(c, radius, x0, y0, tile, margin, stride, rng) -> tuple[int, in
     """A shift (multiple of the output stride) that keeps the spots ``c`` fully inside the tile's core."""
     if len(c) == 0:
         return 0, 0
-    lo = (c.max(0) + radius + margin - tile) - np.array([x0, y0])  # most negative allowed shift
-    hi = (c.min(0) - radius - margin) - np.array([x0, y0])
+    r = np.asarray(radius, dtype=float)
+    if r.ndim:  # one radius per spot: the extremes of the spots' extents
+        c_hi, c_lo = (c + r[:, None]).max(0), (c - r[:, None]).min(0)
+    else:
+        c_hi, c_lo = c.max(0) + radius, c.min(0) - radius
+    lo = (c_hi + margin - tile) - np.array([x0, y0])  # most negative allowed shift
+    hi = (c_lo - margin) - np.array([x0, y0])
     lo, hi = np.ceil(lo / stride), np.floor(hi / stride)
     dx = int(rng.integers(int(lo[0]), int(hi[0]) + 1)) if hi[0] >= lo[0] else 0
     dy = int(rng.integers(int(lo[1]), int(hi[1]) + 1)) if hi[1] >= lo[1] else 0

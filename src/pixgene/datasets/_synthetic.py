@@ -24,9 +24,13 @@ from typing import Any
 import numpy as np
 
 from .._keys import (
+    BINS_KEY,
+    BINS_TABLE_KEY,
     CELLS_KEY,
     EXPECTED_TRUTH_KEY,
     IMAGE_KEY,
+    INSTANCE_KEY,
+    REGION_KEY,
     SPOTS_KEY,
     TABLE_KEY,
     TOTAL_CHANNEL,
@@ -119,6 +123,7 @@ def synthetic(
     truth_um_per_px: float = 2.0,
     counts_scale: float = 1.0,
     expected_truth: bool = False,
+    bins_um: float | None = None,
 ) -> Any:
     """A synthetic H&E section with Visium-like spots, segmented cells and ground-truth expression everywhere.
 
@@ -152,6 +157,11 @@ def synthetic(
         gene, and how much each one deviates from its kind). It is the best any predictor from the histology
         can do, so scores of a prediction are best read next to this map's scores against the truth. The
         image, truth, cells and counts are the same with or without it.
+    bins_um
+        Also measure the tissue as Visium HD does: square bins of ``bins_um`` microns on a grid from the image's
+        top-left corner, kept where the bin's centre is in tissue, counts Poisson(counts_scale x integral of
+        the truth over the bin) (``shapes["bins"]`` and ``tables["bins_table"]``). The image, truth, cells and
+        spot counts are the same with or without them.
 
     Returns
     -------
@@ -168,6 +178,8 @@ def synthetic(
     - ``images["truth"]``: float32 (c, y, x) expected counts per square micron at ``truth_um_per_px``;
       channels are the gene names then ``pixgene_total_counts`` (their sum); overlays the image in every
       coordinate system; its microns per pixel in ``attrs["pixgene"]["um_per_px"]["truth"]``.
+    - ``shapes["bins"]``, ``tables["bins_table"]`` (with ``bins_um``): square bins (polygons in image pixels,
+      index ``bin_{row}_{col}``) and their raw counts, ``layers["expected"]`` the Poisson means.
     - ``images["truth_expected"]`` (with ``expected_truth=True``): like ``truth``, the expected intensity
       given the histology (same smooth fields for the ``NOISE`` genes).
     - ``attrs["pixgene"]["synthetic"]``: the seed and parameters, the cell types, the neighbourhood features,
@@ -184,10 +196,13 @@ def synthetic(
         truth_um_per_px=truth_um_per_px,
         counts_scale=counts_scale,
     )
+    if bins_um is not None and not (np.isfinite(bins_um) and 0 < bins_um <= size_um / 2):
+        fail("pg.datasets.synthetic", f"bins_um={bins_um!r} is not a bin size in (0, size_um / 2]",
+             "Pass bins_um such as 16.0 (Visium HD's 16 um bins), or None for no bins")
     started = time.perf_counter()
     # independent streams: changing how the image is drawn does not change the cells, truth or counts
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(6)]
-    rng_layout, rng_cells, rng_expr, rng_noise, rng_render, rng_counts = streams
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(7)]
+    rng_layout, rng_cells, rng_expr, rng_noise, rng_render, rng_counts, rng_bins = streams
 
     tick = _Ticker("synthetic")
     layout = _draw_layout(rng_layout, float(size_um))
@@ -253,6 +268,11 @@ def synthetic(
         expected_map=expected,
     )
     tick("assemble")
+    if bins_um is not None:
+        _add_bins(sdata, rng_bins, truth=truth, layout=layout, gene_names=gene_names + noise_names,
+                  bins_um=float(bins_um), um_per_px=um_per_px, truth_um_per_px=truth_um_per_px,
+                  counts_scale=counts_scale)
+        tick("bins")
     for name in noise_names:
         programs[name] = {"kind": "noise", "cell_types": [], "feature": None, "feature_cell_types": []}
     record = dict(sdata.attrs.get(UNS_KEY, {}))
@@ -267,6 +287,7 @@ def synthetic(
         "truth_um_per_px": float(truth_um_per_px),
         "counts_scale": float(counts_scale),
         "expected_truth": bool(expected_truth),
+        "bins_um": None if bins_um is None else float(bins_um),
         "cell_types": list(CELL_TYPES),
         "features": list(FEATURES),
         "gene_programs": programs,
@@ -1339,3 +1360,44 @@ def _assemble(
         )
         record_um_per_px(sdata, key, truth_um_per_px)
     return sdata
+
+
+def _add_bins(sdata, rng, *, truth, layout, gene_names, bins_um, um_per_px, truth_um_per_px, counts_scale):
+    """Square bins (Visium HD-like) over the tissue, with Poisson counts of the truth's integral over each."""
+    import anndata as ad
+    import geopandas as gpd
+    import pandas as pd
+    import scipy.sparse as sp
+    import shapely
+    from spatialdata.models import ShapesModel, TableModel
+
+    from .._coords import transformations_of
+    from ..data._geometry import polygon_weights
+
+    n = int(np.floor(layout["size_um"] / bins_um + 1e-9))
+    rows, cols = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    rows, cols = rows.ravel(), cols.ravel()
+    x0, y0 = cols * bins_um, rows * bins_um
+    keep = shapely.contains_xy(layout["tissue"], x0 + bins_um / 2, y0 + bins_um / 2)
+    rows, cols, x0, y0 = rows[keep], cols[keep], x0[keep], y0[keep]
+    squares_um = shapely.box(x0, y0, x0 + bins_um, y0 + bins_um)
+    H, W = truth.shape[1:]
+    weights = polygon_weights(shapely.transform(squares_um, lambda c: c / truth_um_per_px), (H, W))
+    weights = weights * truth_um_per_px**2
+    expected = np.stack([weights @ truth[g].ravel().astype(np.float64) for g in range(len(gene_names))], axis=1)
+    expected *= counts_scale
+    counts = rng.poisson(expected)
+    names = pd.Index([f"bin_{r}_{c}" for r, c in zip(rows, cols, strict=True)])
+    transformations = transformations_of(sdata.images[IMAGE_KEY])
+    bins = gpd.GeoDataFrame({"array_row": rows, "array_col": cols},
+                            geometry=shapely.transform(squares_um, lambda c: c / um_per_px), index=names)
+    sdata.shapes[BINS_KEY] = ShapesModel.parse(bins, transformations=transformations)
+    obs = pd.DataFrame({"array_row": rows, "array_col": cols, REGION_KEY: pd.Categorical([BINS_KEY] * len(names)),
+                        INSTANCE_KEY: names.to_numpy()}, index=names)
+    adata = ad.AnnData(X=sp.csr_matrix(counts.astype(np.float32)), obs=obs,
+                       var=pd.DataFrame(index=pd.Index(gene_names, dtype=str)))
+    adata.layers["expected"] = expected.astype(np.float32)
+    adata.obsm["spatial"] = np.column_stack([x0 + bins_um / 2, y0 + bins_um / 2]) / um_per_px
+    adata.uns[UNS_KEY] = {"platform": "synthetic_bins", "bin_um": float(bins_um), "image_key": IMAGE_KEY}
+    sdata.tables[BINS_TABLE_KEY] = TableModel.parse(adata, region=BINS_KEY, region_key=REGION_KEY,
+                                                    instance_key=INSTANCE_KEY)

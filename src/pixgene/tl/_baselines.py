@@ -54,7 +54,6 @@ def colour_control(
     from spatialdata.transformations import Scale, Sequence
 
     from .._coords import transformations_of
-    from ..data._geometry import circle_weights
     from ..data._reader import SlideReader
 
     key = key_added or f"{image_key}_colour_control"
@@ -68,7 +67,7 @@ def colour_control(
     flat = feats.reshape(len(feats), -1)
     mean, std = flat.mean(1, keepdims=True), flat.std(1, keepdims=True) + 1e-6
     flat = (flat - mean) / std
-    ops = circle_weights(slide.centers / reader.factor, slide.radius / reader.factor, (H, W)) * um_per_px**2
+    ops = slide.area_operator(reader.factor, (H, W)) * um_per_px**2
     area = np.asarray(ops.sum(1)).ravel()
     design = np.column_stack([ops @ flat.T, area])  # spot integrals of each feature, and of 1 (intercept)
     X = slide.table[:, genes].X

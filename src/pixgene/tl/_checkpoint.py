@@ -48,13 +48,13 @@ def image_hash(image: Any):
     return h
 
 
-def slide_digest(image_hashed: Any, centers: np.ndarray, radius: np.ndarray, counts: np.ndarray | None,
+def slide_digest(image_hashed: Any, centers: np.ndarray, footprint: np.ndarray, counts: np.ndarray | None,
                  um_per_px: float) -> str:
     """Hash of what training reads from one slide: its image (``image_hashed``, from :func:`image_hash`), the
-    spots' centres and radii, the counts (genes and library size; ``None``: not hashed, for what depends on
+    spots' centres and footprints (radii, or polygons: ``SpotSlide.footprint``), the counts (genes and library size; ``None``: not hashed, for what depends on
     the image and the spots alone) and the image's microns per pixel."""
     h = image_hashed.copy()
-    for a in (centers, radius, counts, np.float64(um_per_px)):
+    for a in (centers, footprint, counts, np.float64(um_per_px)):
         if a is not None:
             _update_array(h, a)
     return h.hexdigest()

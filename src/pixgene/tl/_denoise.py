@@ -321,7 +321,7 @@ def denoise(
         from ._checkpoint import image_hash, record_fingerprint, slide_digest
 
         def digest(s) -> str:
-            return slide_digest(image_hash(s.sdata.images[image_key]), s.centers, s.radius,
+            return slide_digest(image_hash(s.sdata.images[image_key]), s.centers, s.footprint(),
                                 counts_with_library(s.table, genes), s.um_per_px)
 
         common = {**params, "pixgene": pixgene.__version__, "slides": [digest(s) for s in [slide, *other_slides]]}

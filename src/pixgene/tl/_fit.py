@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from .._keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, UNS_KEY
 from .._validate import check_positive, fail
-from ._inputs import SpotSlide, prepare_spot_slide
+from ._inputs import SpotSlide, prepare_spot_slide, scaled_polygons
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _member_checkpoints(path, module, tuned_keys: list[str], slides: list[SpotSl
     common = {
         **common,
         "genes": list(genes),
-        "slides": [slide_digest(h, s.centers, s.radius, t.counts, s.um_per_px)
+        "slides": [slide_digest(h, s.centers, s.footprint(), t.counts, s.um_per_px)
                    for h, s, t in zip(images, slides, train_slides, strict=True)],
         "settings": settings,
     }
@@ -112,7 +112,7 @@ def _feature_store(path, slides: list[SpotSlide], *, inputs: tuple[dict, list], 
     common, images = inputs
     record = {
         **common,
-        "slides": [slide_digest(h, s.centers, s.radius, None, s.um_per_px)
+        "slides": [slide_digest(h, s.centers, s.footprint(), None, s.um_per_px)
                    for h, s in zip(images, slides, strict=True)],
         "rng": rng.bit_generator.state,
         "settings": settings,
@@ -455,14 +455,21 @@ def fit(
     for i, s in enumerate(slides):
         reader = SlideReader(s.sdata.images[image_key], image_um=s.um_per_px, target_um=enc_um, name=image_key)
         counts = counts_with_library(s.table, genes).astype(np.float32)
-        radius = float(np.median(s.radius)) / reader.factor
         train_mask = _validation_split(len(counts), val_fraction, rng)
+        if s.polygons is None:  # circles: one radius for the slide's spots
+            radius = float(np.median(s.radius)) / reader.factor
+            polygons = None
+            area_um2 = np.pi * (radius * enc_um) ** 2
+        else:  # polygons (square bins, ...): each its own extent and area
+            radius = s.radius / reader.factor
+            polygons = scaled_polygons(s.polygons, 1.0 / reader.factor)
+            area_um2 = float(np.median(s.area_px)) * s.um_per_px**2
         train_slides.append(
-            SlideSpots(f"slide{i}", reader, s.centers / reader.factor, radius, counts, train_mask, slide_index=i)
+            SlideSpots(f"slide{i}", reader, s.centers / reader.factor, radius, counts, train_mask, slide_index=i,
+                       polygons=polygons)
         )
-        area_um2 = np.pi * (radius * enc_um) ** 2
         mean_intensity.append(counts.mean(0) / area_um2)
-        radii.append(radius)
+        radii.append(float(np.max(radius)))
     for _, head in module.pairs():
         head.set_scale(torch.from_numpy(np.mean(mean_intensity, axis=0)).float())
 

@@ -21,13 +21,53 @@ class SpotSlide:
     shapes_key: str
     table_key: str
     um_per_px: float
-    centers: np.ndarray  # (n, 2) spot centres in image pixels (x, y)
-    radius: np.ndarray  # (n,) radii in image pixels
+    centers: np.ndarray  # (n, 2) spot centres in image pixels (x, y); a polygon's bounding-box centre
+    radius: np.ndarray  # (n,) radii in image pixels; a polygon's half extent (half its bounding box's longer side)
     table: Any  # AnnData rows aligned with ``centers``
+    #: (n,) shapely Polygons / MultiPolygons in image pixels when the spots are polygons (Visium HD's square bins,
+    #: any other shape); None when they are circles
+    polygons: np.ndarray | None = None
 
     @property
     def spot_diameter_um(self) -> float:
+        """Circles: the median diameter; polygons: the median longer side of their bounding boxes."""
         return float(np.median(self.radius) * 2 * self.um_per_px)
+
+    @property
+    def area_px(self) -> np.ndarray:
+        """(n,) exact area of every spot, image px^2."""
+        if self.polygons is None:
+            return np.pi * self.radius**2
+        import shapely
+
+        return shapely.area(self.polygons)
+
+    def footprint(self) -> np.ndarray:
+        """The spots' geometry beyond their centres as one float array (radii, or every polygon's vertex count
+        and vertices), for the digests that say whether training inputs changed."""
+        if self.polygons is None:
+            return self.radius
+        import shapely
+
+        coords = shapely.get_coordinates(self.polygons)
+        return np.concatenate([shapely.get_num_coordinates(self.polygons).astype(float), coords.ravel()])
+
+    def area_operator(self, divisor: float, grid_shape: tuple[int, int]):
+        """Sparse (n, H * W) exact overlap areas (grid px^2) of every spot with a grid whose pixel is
+        ``divisor`` image pixels, its top-left corner at the image's."""
+        from ..data._geometry import circle_weights, polygon_weights
+
+        if self.polygons is None:
+            return circle_weights(self.centers / divisor, self.radius / divisor, grid_shape)
+        return polygon_weights(scaled_polygons(self.polygons, 1.0 / divisor), grid_shape)
+
+
+def scaled_polygons(polygons: np.ndarray, factor: float, offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Polygons with every vertex mapped to ``vertex * factor - offset``."""
+    import shapely
+
+    shift = np.asarray(offset, dtype=float)
+    return shapely.transform(polygons, lambda xy: xy * factor - shift)
 
 
 def linked_table_rows(table: Any, shapes: Any, *, table_key: str, shapes_key: str) -> np.ndarray:
@@ -55,18 +95,54 @@ def linked_table_rows(table: Any, shapes: Any, *, table_key: str, shapes_key: st
     return np.where(np.isnan(idx), -1, idx).astype(np.int64)
 
 
-def circles_in_image(sdata: Any, shapes_key: str, image_key: str) -> tuple[np.ndarray, np.ndarray]:
+def spots_in_image(
+    sdata: Any, shapes_key: str, image_key: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The spots in image pixels: ``(centers, radius, polygons)``.
+
+    Circles (Points with a ``radius`` column, as Visium and ST readers make them): their centres and radii,
+    ``polygons`` None. Polygons / MultiPolygons (Visium HD's square bins as spatialdata-io reads them, or any
+    other measured shape): their bounding-box centres, half their bounding box's longer side, and the polygons
+    themselves carried into image pixels.
+    """
+    import shapely
+
     shapes = require_element(sdata, shapes_key, "shapes")
-    if "radius" not in shapes.columns or not (shapes.geometry.geom_type == "Point").all():
-        fail(
-            f"shapes {shapes_key!r}",
-            "are not circles (Point geometries with a 'radius' column)",
-            "Give the spots as circles (ShapesModel.parse(xy, geometry=0, radius=...))",
-        )
+    where = f"shapes {shapes_key!r}"
+    geoms = np.asarray(shapes.geometry, dtype=object)
+    if len(geoms) == 0:
+        fail(where, "is empty", "Pass the measured spots' shapes")
+    if any(g is None for g in geoms) or shapely.is_empty(geoms).any():
+        fail(where, "contains missing or empty geometries", "Drop or repair them before fitting")
+    types = shapely.get_type_id(geoms)
+    is_point = types == 0
+    is_polygon = np.isin(types, (3, 6))
+    if not (is_point | is_polygon).all():
+        kinds = sorted({g.geom_type for g in geoms[~(is_point | is_polygon)]})
+        fail(where, f"contains {kinds} geometries", "Give the spots as circles (points with a radius) or polygons")
+    if is_point.any() and is_polygon.any():
+        fail(where, f"mixes {int(is_point.sum())} circles and {int(is_polygon.sum())} polygons",
+             "Give the measured spots of one element as one kind of shape")
     matrix = affine_between(sdata, shapes_key, image_key)
-    scale = isotropic_scale(matrix, f"shapes {shapes_key!r}")
-    xy = np.column_stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()])
-    return apply_affine(matrix, xy), shapes["radius"].to_numpy(dtype=float) * scale
+    if is_point.all():
+        if "radius" not in shapes.columns:
+            fail(where, "are points without a 'radius' column",
+                 "Give the spots as circles (ShapesModel.parse(xy, geometry=0, radius=...))")
+        scale = isotropic_scale(matrix, where)
+        radius = shapes["radius"].to_numpy(dtype=float) * scale
+        if not np.all(np.isfinite(radius) & (radius > 0)):
+            fail(where, "has circles with a missing or non-positive radius", "Fix the radius column")
+        xy = np.column_stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()])
+        return apply_affine(matrix, xy), radius, None
+    polygons = shapely.transform(geoms, lambda xy: apply_affine(matrix, xy))
+    bounds = shapely.bounds(polygons)
+    if not np.isfinite(bounds).all():
+        fail(where, "has non-finite coordinates", "Repair the polygons before fitting")
+    centers = (bounds[:, :2] + bounds[:, 2:]) / 2
+    radius = np.max(bounds[:, 2:] - bounds[:, :2], axis=1) / 2
+    if not (shapely.area(polygons) > 0).all():
+        fail(where, "has polygons of zero area", "Drop degenerate polygons before fitting")
+    return centers, radius, polygons
 
 
 def prepare_spot_slide(
@@ -86,7 +162,7 @@ def prepare_spot_slide(
     shapes = require_element(sdata, shapes_key, "shapes")
     table = require_element(sdata, table_key, "tables")
     um = resolve_um_per_px(sdata, image_key, um_per_px=um_per_px, shapes_key=shapes_key, table_key=table_key)
-    centers, radius = circles_in_image(sdata, shapes_key, image_key)
+    centers, radius, polygons = spots_in_image(sdata, shapes_key, image_key)
     H, W = int(array.sizes["y"]), int(array.sizes["x"])
     outside = (centers[:, 0] < 0) | (centers[:, 0] > W) | (centers[:, 1] < 0) | (centers[:, 1] > H)
     if outside.any():
@@ -108,4 +184,5 @@ def prepare_spot_slide(
     if genes is not None:
         check_genes(genes, sub.var_names, f"table {table_key!r}")
     check_raw_counts(sub.X, f"table {table_key!r}")
-    return SpotSlide(sdata, image_key, shapes_key, table_key, um, centers[keep], radius[keep], sub)
+    return SpotSlide(sdata, image_key, shapes_key, table_key, um, centers[keep], radius[keep], sub,
+                     None if polygons is None else polygons[keep])
