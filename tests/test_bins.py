@@ -185,3 +185,27 @@ def test_fit_on_square_bins_predicts_the_truth_at_a_finer_scale():
     pg.tl.aggregate(sdata, shapes="bins_8um", progress=False)
     scores = pg.tl.evaluate(sdata, predicted="bins_8um_pixgene", truth="truth", genes=genes)
     assert scores.summary["PCC@M"] > 0.3
+
+
+def test_denoise_runs_over_square_bins_with_folds_of_their_centres():
+    """Visium HD-like bins denoised: the folds are spatial_folds' of the squares' centres (microns), every bin
+    gets an out-of-fold value, and the posterior layer combines its counts with it."""
+    import pixgene as pg
+    from pixgene.tl._denoise import spatial_folds, spot_pitch_um
+
+    sdata = pg.datasets.synthetic(seed=4, size_um=384.0, bins_um=16.0)
+    genes = ["GENE00", "GENE01", "GENE02"]
+    table = pg.tl.denoise(sdata, shapes_key="bins", table_key="bins_table", genes=genes, n_folds=2,
+                          random_state=1, progress=False, max_epochs=1, n_views=1, width=8, n_members=1)
+    assert sdata.tables["bins_denoised"] is table
+    bins = sdata.shapes["bins"]
+    assert list(table.obs_names) == [str(i) for i in bins.index]
+    xy = np.c_[bins.geometry.centroid.x, bins.geometry.centroid.y]  # 1 um per pixel
+    assert spot_pitch_um(xy) == pytest.approx(16.0)
+    fold, _ = spatial_folds(xy, 2, 64.0, np.random.default_rng(1))
+    assert table.uns["pixgene"]["params"]["block_um"] == pytest.approx(64.0)
+    assert np.array_equal(table.obs["pixgene_fold"].to_numpy(), fold)
+    assert np.isfinite(table.X).all() and (table.X >= 0).all() and table.X.sum() > 0
+    counts = sdata.tables["bins_table"][:, genes].X.toarray()
+    post = table.layers["pixgene_posterior"]
+    assert post.shape == counts.shape and not np.allclose(post, counts) and not np.allclose(post, table.X)
