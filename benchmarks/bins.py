@@ -227,11 +227,16 @@ def _f(v, digits: int = 3) -> str:
 
 
 def render(result: dict) -> str:
-    lines = ["# Training on square bins and polygon spots", "",
-             f"`{result['command']}`: {result['started']}; {result['machine']}", ""]
+    lines = ["# Training on square bins and polygon spots", ""]
+
+    def made_by(part: dict) -> list[str]:
+        r = part["run"]
+        return [f"Made by `{r['command']}`: {r['started']}; {r['machine']}.", ""]
+
     syn = result.get("synthetic")
     if syn:
         lines += ["## Synthetic slide: Visium circles against Visium HD bins, scored against the truth", "",
+                  *made_by(syn),
                   f"Seed {syn['seed']}, {syn['size_um']:g} um square, {syn['n_genes']} genes, "
                   f"{syn['n_members']} decoder(s) a model. PCC@M (PCC@S) of each dense map read out over:", "",
                   "| trained on | spots | tiles | 8 um bins | 16 um bins | 55 um spots | fit (s) | peak RSS (GB) |",
@@ -245,7 +250,7 @@ def render(result: dict) -> str:
         lines += ["| ceiling (expected truth) | | | " + " | ".join(cells) + " | | |", ""]
     her = result.get("her2st")
     if her:
-        lines += ["## her2st: the same spots as circles and as 96-gons", "",
+        lines += ["## her2st: the same spots as circles and as 96-gons", "", *made_by(her),
                   f"Trained on {' + '.join(her['train'])}, scored on {her['test']} against its counts (50 HVG), "
                   f"{her['n_members']} decoder(s) a model.", "",
                   "| spots | PCC@F | PCC@S | PCC@M | MSE | fit (s) | model id |", "|---|---|---|---|---|---|---|"]
@@ -259,15 +264,17 @@ def render(result: dict) -> str:
                   "across spots, and the largest absolute difference):", ""]
         lines += [f"- {name}: r {v['median_gene_r']:.4f}, largest difference {v['max_abs_diff']:.4f}"
                   for name, v in pairs]
-        lines.append("")
+        lines += ["", "Any change of the spots changes every gradient step, and one decoder's prediction of a new "
+                  "section moves with it (it moves with the decoder's seed too: docs/concepts.md, \"Members\"); "
+                  "the control shows how far a change of area alone moves it.", ""]
     plan = result.get("planning")
     if plan:
-        lines += ["## Planning the training tiles of a bin grid (256 px tiles, 1 um px)", "",
+        lines += ["## Planning the training tiles of a bin grid (256 px tiles, 1 um px)", "", *made_by(plan),
                   "Per-spot candidate lists (now) against the candidates x spots matrix (before; not run where the "
                   "matrix alone would pass the limit: its size is given).", "",
                   "| grid | bins | tiles | now (s) | now peak (MB) | before (s) | before peak (MB) | same tiles |",
                   "|---|---|---|---|---|---|---|---|"]
-        for r in plan:
+        for r in plan["rows"]:
             lines.append(f"| {r['side_mm']:g} mm, {r['bin_um']:g} um | {r['n_bins']} | {r['n_tiles']} | "
                          f"{r['per_spot_s']:.3f} | {r['per_spot_peak_mb']:.1f} | {_f(r['matrix_s'])} | "
                          f"{r['matrix_peak_mb']:.1f} | {_f(r['same_tiles'])} |")
@@ -275,19 +282,23 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+PARTS = ("planning", "her2st", "synthetic")
+
+
 def run(args) -> dict:
     result: dict = {}
     if args.merge:
         path = _report.RESULTS / "bins.json"
         if path.exists():
-            result = {k: v for k, v in json.loads(path.read_text()).items()
-                      if k in ("synthetic", "her2st", "planning")}
+            result = {k: v for k, v in json.loads(path.read_text()).items() if k in PARTS}
+    # each part records the run that made it (a merged file holds parts of several runs)
+    made_by = {"command": _report.command("bins.py"), "started": _report.started(), "machine": _report.machine()}
     if "planning" in args.parts:
-        result["planning"] = planning_part(args.dense_limit)
+        result["planning"] = {"rows": planning_part(args.dense_limit), "run": made_by}
     if "her2st" in args.parts:
-        result["her2st"] = her2st_part(args.seed, args.her2st_members, args.train, args.test)
+        result["her2st"] = {**her2st_part(args.seed, args.her2st_members, args.train, args.test), "run": made_by}
     if "synthetic" in args.parts:
-        result["synthetic"] = synthetic_part(args.seed, args.n_members)
+        result["synthetic"] = {**synthetic_part(args.seed, args.n_members), "run": made_by}
     return result
 
 
@@ -303,6 +314,11 @@ def main() -> None:
     parser.add_argument("--dense-limit", type=float, default=2e8,
                         help="run the matrix reference where candidates x spots is at most this")
     parser.add_argument("--merge", action="store_true", help="keep the other parts of the existing JSON")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the existing .json")
+    if "--render" in __import__("sys").argv:
+        path = _report.RESULTS / "bins.json"
+        (_report.RESULTS / "bins.md").write_text(render(json.loads(path.read_text())))
+        return
     _report.main("bins", parser, run, render)
 
 
