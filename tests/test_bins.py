@@ -7,23 +7,23 @@ import pytest
 
 
 def plan_tiles_reference(centers, radius, tile, margin):
-    """The candidates x spots greedy set cover, written out with a dense matrix."""
+    """The greedy set cover written out with Python sets: every candidate corner's set of spots, then the
+    candidate that adds most (the first in row-major order on ties) until nothing is left to add."""
     from pixgene.data._training import spots_inside
 
     step = max(8, int((tile - 2 * margin - 2 * radius) // 2))
     lo, hi = np.floor(centers.min(0) - tile).astype(int), np.ceil(centers.max(0)).astype(int)
-    xs, ys = np.arange(lo[0], hi[0] + 1, step), np.arange(lo[1], hi[1] + 1, step)
-    cand = np.stack(np.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
-    inside = spots_inside(cand, centers, radius, tile, margin)
-    uncovered, chosen = np.ones(len(centers), bool), []
+    corners = [(x, y) for y in range(lo[1], hi[1] + 1, step) for x in range(lo[0], hi[0] + 1, step)]
+    holds = [set(np.flatnonzero(row)) for row in spots_inside(np.array(corners), centers, radius, tile, margin)]
+    covered: set = set()
+    chosen = []
     while True:
-        gain = (inside & uncovered).sum(1)
-        best = int(np.argmax(gain))
-        if gain[best] == 0:
-            break
-        chosen.append(cand[best])
-        uncovered &= ~inside[best]
-    return np.asarray(chosen, dtype=int).reshape(-1, 2)
+        gains = [len(h - covered) for h in holds]
+        best = max(range(len(gains)), key=lambda i: (gains[i], -i))
+        if gains[best] == 0:
+            return np.array(chosen, dtype=int).reshape(-1, 2)
+        chosen.append(corners[best])
+        covered |= holds[best]
 
 
 def test_plan_tiles_gives_the_dense_set_cover_and_covers_spots_of_any_extent():
