@@ -211,7 +211,8 @@ def planning_part(dense_limit: int) -> list[dict]:
         n_cand = (int((side_mm * 1000 + 256) / max(8, int((224 - 2 * r) // 2))) + 1) ** 2
         if n_cand * len(centers) <= dense_limit:
             old, t_old, m_old = measure(plan_tiles_dense, centers, r, 256, 16)
-            row.update(matrix_s=round(t_old, 3), matrix_peak_mb=round(m_old, 1), same_tiles=bool(np.array_equal(old, new)))
+            row.update(matrix_s=round(t_old, 3), matrix_peak_mb=round(m_old, 1),
+                       same_tiles=bool(np.array_equal(old, new)))
         else:
             row.update(matrix_s=None, matrix_peak_mb=round(n_cand * len(centers) / 1024**2, 1), same_tiles=None)
         log.info("planning %s", row)

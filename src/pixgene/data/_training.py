@@ -65,8 +65,8 @@ def plan_tiles(centers: np.ndarray, radius, tile: int, margin: int) -> np.ndarra
     hi = np.ceil(centers.max(0)).astype(int)
     axes = [np.arange(lo[k], hi[k] + 1, step) for k in (0, 1)]
     nx_all = len(axes[0])
-    pairs = [_candidate_pairs(centers[i : i + _PLAN_CHUNK], r[i : i + _PLAN_CHUNK], i, axes, lo, step, tile, margin)
-             for i in range(0, n, _PLAN_CHUNK)]
+    pairs = [_candidate_pairs(centers[i : i + _PLAN_CHUNK], r[i : i + _PLAN_CHUNK], i, axes, lo, step, tile,
+                              margin) for i in range(0, n, _PLAN_CHUNK)]
     cand = np.concatenate([c for c, _ in pairs])  # grouped by spot, spots in order
     spot = np.concatenate([j for _, j in pairs])
     spot_start = np.searchsorted(spot, np.arange(n + 1))

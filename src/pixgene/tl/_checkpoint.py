@@ -51,8 +51,9 @@ def image_hash(image: Any):
 def slide_digest(image_hashed: Any, centers: np.ndarray, footprint: np.ndarray, counts: np.ndarray | None,
                  um_per_px: float) -> str:
     """Hash of what training reads from one slide: its image (``image_hashed``, from :func:`image_hash`), the
-    spots' centres and footprints (radii, or polygons: ``SpotSlide.footprint``), the counts (genes and library size; ``None``: not hashed, for what depends on
-    the image and the spots alone) and the image's microns per pixel."""
+    spots' centres and footprints (radii, or polygons: ``SpotSlide.footprint``), the counts (genes and library
+    size; ``None``: not hashed, for what depends on the image and the spots alone) and the image's microns per
+    pixel."""
     h = image_hashed.copy()
     for a in (centers, footprint, counts, np.float64(um_per_px)):
         if a is not None:

@@ -213,7 +213,7 @@ def denoise(
     Parameters
     ----------
     sdata
-        SpatialData with the H&E image, the spots (circles) and their raw-count table, as for
+        SpatialData with the H&E image, the spots (circles or polygons) and their raw-count table, as for
         :func:`pixgene.tl.fit`.
     genes
         Genes to model; default: those marked by :func:`pixgene.pp.select_genes`.

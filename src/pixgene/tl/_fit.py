@@ -231,7 +231,8 @@ def fit(
         A SpatialData or a list of them (slides may come from different platforms; each gets its own
         capture-efficiency factor).
     image_key, shapes_key, table_key
-        The H&E image, the circles of measured spots and their raw-count table (same keys on every slide).
+        The H&E image, the measured spots and their raw-count table (same keys on every slide). The spots
+        are circles (points with a ``radius``) or polygons (Visium HD's square bins, any other footprint).
     genes
         Genes to model; default: those marked by :func:`pixgene.pp.select_genes`.
     um_per_px
