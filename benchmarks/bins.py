@@ -14,11 +14,14 @@ Three parts, each side by side in one run:
   each on two sections, scored on the third against its measured counts. The polygon path should score as
   the circle path does, and its prediction should differ from the circles' as much as the control's does
   (training amplifies any change: one decoder's prediction on a new section depends even on its seed).
+- ``loss``: the loss terms on the same synthetic slide, one decoder a model: the default (count likelihood,
+  MSE and Pearson on log-normalised values), without the MSE term, without the Pearson term, and the count
+  likelihood alone, fitted on the 16 um bins; the default and no MSE on the 55 um spots. Scored as above.
 - ``planning``: where the training tiles go (``plan_tiles``: a set cover of every spot by tile cores) for
   Visium HD-sized bin grids, the per-spot candidate lists against the candidates x spots matrix that was used
   before (kept here as the reference): time, peak memory (tracemalloc) and whether the tiles are the same.
 
-    python benchmarks/bins.py [--parts synthetic her2st planning] [--n-members 5]
+    python benchmarks/bins.py [--parts planning her2st synthetic loss] [--n-members 5] [--merge]
 
 Prints a table and writes ``benchmarks/results/bins.{json,md}``.
 """
@@ -86,6 +89,37 @@ def synthetic_part(seed: int, n_members: int) -> dict:
         log.info("%s", rows[-1])
     return {"seed": seed, "size_um": 3072.0, "n_genes": len(genes), "n_members": n_members, "rows": rows,
             "ceiling": ceiling}
+
+
+LOSSES = {"default": {}, "no MSE": {"mse": 0.0}, "no Pearson": {"pearson": 0.0},
+          "count likelihood alone": {"mse": 0.0, "pearson": 0.0}}
+
+
+def loss_part(seed: int) -> dict:
+    sdata = pg.datasets.synthetic(seed, size_um=3072.0, n_genes=30, spot_diameter_um=55.0, spot_pitch_um=100.0,
+                                  bins_um=16.0)
+    genes = [g for g in sdata.tables["table"].var_names if g.startswith("GENE")]
+    readouts = {"8 um bins": "grid_8um", "16 um bins": "bins", "55 um spots": "spots"}
+    pg.tl.make_grid(sdata, bin_um=8.0, key_added="grid_8um")
+    rows = []
+    runs = [("16 um square bins", "bins", "bins_table", name) for name in LOSSES]
+    runs += [("55 um circles", "spots", "table", name) for name in ("default", "no MSE")]
+    for trained_on, shapes_key, table_key, name in runs:
+        t0 = time.perf_counter()
+        model = pg.tl.fit(sdata, shapes_key=shapes_key, table_key=table_key, genes=genes, random_state=seed,
+                          n_members=1, loss_weights=LOSSES[name], progress=False)
+        fit_s = time.perf_counter() - t0
+        pg.tl.predict_dense(sdata, model, key_added="loss_map", overwrite=True, progress=False)
+        scores = {}
+        for where, shapes in readouts.items():
+            pg.tl.aggregate(sdata, shapes=shapes, dense_key="loss_map", key_added="loss_readout", overwrite=True,
+                            progress=False)
+            scores[where] = summary(pg.tl.evaluate(sdata, predicted="loss_readout", truth="truth",
+                                                   genes=genes).summary)
+        rows.append({"trained_on": trained_on, "loss": name, "loss_weights": LOSSES[name], "scores": scores,
+                     "fit_s": round(fit_s, 1), "model_id": model.model_id})
+        log.info("loss %s", rows[-1])
+    return {"seed": seed, "rows": rows}
 
 
 # ----------------------------------------------------------------------------------------------------- her2st
@@ -268,6 +302,15 @@ def render(result: dict) -> str:
         lines += ["", "Any change of the spots changes every gradient step, and one decoder's prediction of a new "
                   "section moves with it (it moves with the decoder's seed too: docs/concepts.md, \"Members\"); "
                   "the control shows how far a change of area alone moves it.", ""]
+    loss = result.get("loss")
+    if loss:
+        lines += ["## Loss terms (one decoder a model, the synthetic slide above)", "", *made_by(loss),
+                  "PCC@M against the truth over:", "",
+                  "| trained on | loss | 8 um bins | 16 um bins | 55 um spots | fit (s) |", "|---|---|---|---|---|---|"]
+        for r in loss["rows"]:
+            cells = [f"{r['scores'][w]['PCC@M']:.3f}" for w in ("8 um bins", "16 um bins", "55 um spots")]
+            lines.append(f"| {r['trained_on']} | {r['loss']} | " + " | ".join(cells) + f" | {r['fit_s']:.0f} |")
+        lines.append("")
     plan = result.get("planning")
     if plan:
         lines += ["## Planning the training tiles of a bin grid (256 px tiles, 1 um px)", "", *made_by(plan),
@@ -283,7 +326,7 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-PARTS = ("planning", "her2st", "synthetic")
+PARTS = ("planning", "her2st", "synthetic", "loss")
 
 
 def run(args) -> dict:
@@ -300,13 +343,15 @@ def run(args) -> dict:
         result["her2st"] = {**her2st_part(args.seed, args.her2st_members, args.train, args.test), "run": made_by}
     if "synthetic" in args.parts:
         result["synthetic"] = {**synthetic_part(args.seed, args.n_members), "run": made_by}
+    if "loss" in args.parts:
+        result["loss"] = {**loss_part(args.seed), "run": made_by}
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["planning", "her2st", "synthetic"],
-                        choices=["planning", "her2st", "synthetic"])
+    parser.add_argument("--parts", nargs="+", default=["planning", "her2st", "synthetic", "loss"],
+                        choices=list(PARTS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-members", type=int, default=5, help="decoders a synthetic model (default: pixgene's)")
     parser.add_argument("--her2st-members", type=int, default=1)
