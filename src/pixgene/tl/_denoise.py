@@ -133,14 +133,17 @@ class _FoldResults:
     def __init__(self, path: str | os.PathLike | None, fingerprints: list[str]) -> None:
         self.path = None if path is None else Path(path)
         self.fingerprints = fingerprints
+        self._saved: dict = {}  # the finished folds' tables, read once when the directory is opened
         if self.path is None:
             return
         for k, want in enumerate(fingerprints):
-            saved = self._fingerprint(k)
+            table, saved = self._read(k)
             if saved is not None and saved != want:
                 fail(f"checkpoint_dir {str(self.path)!r}",
                      f"holds fold {k} of another denoise run (other spots, genes, folds, settings or seed)",
                      "Pass a new or empty directory, or the data and settings of that run to resume it")
+            if table is not None:
+                self._saved[k] = table
 
     def directory(self, k: int) -> Path | None:
         return None if self.path is None else self.path / f"fold_{k}"
@@ -161,12 +164,10 @@ class _FoldResults:
             fail(f"checkpoint_dir {str(self.path)!r}", f"fold_{k}/denoised.h5ad is not a denoise result",
                  "Delete it to compute that fold again, or pass another directory")
 
-    def _fingerprint(self, k: int) -> str | None:
-        return self._read(k)[1]
-
     def load(self, k: int):
-        """Fold ``k``'s saved table (its fingerprint checked when the directory was opened), or None."""
-        table, _ = self._read(k)
+        """Fold ``k``'s saved table (read, and its fingerprint checked, when the directory was opened), or
+        None."""
+        table = self._saved.get(k)
         if table is not None:
             logger.info("fold %d loaded from %s (computed before; not fitted again)", k, self._file(k))
         return table
