@@ -382,3 +382,41 @@ def polygon_weights(polygons: Any, grid_shape: tuple[int, int]) -> sp.csr_matrix
     CSR matrix; row k holds the areas of polygon k in every pixel it overlaps (column = i * W + j).
     """
     return edge_weights(polygon_edges(polygons), grid_shape)
+
+
+def scaled_polygons(polygons: np.ndarray, factor: float,
+                    offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Polygons with every vertex mapped to ``vertex * factor - offset``."""
+    import shapely
+
+    shift = np.asarray(offset, dtype=float)
+    return shapely.transform(polygons, lambda xy: xy * factor - shift)
+
+
+def spot_weights(
+    centers: np.ndarray,
+    radius: Any,
+    polygons: np.ndarray | None,
+    grid_shape: tuple[int, int],
+    *,
+    scale: float = 1.0,
+    corner: tuple[float, float] = (0.0, 0.0),
+    stride: int = 1,
+) -> sp.csr_matrix:
+    """Sparse (n, H * W) exact overlap areas (grid px^2) of spots with a grid: circles (``centers``,
+    ``radius``) or, when ``polygons`` is given, those polygons. A spot's point ``p`` lies at
+    ``(p / scale - corner) / stride`` on the grid: a view read at ``scale`` slide pixels per pixel whose
+    top-left corner is ``corner`` (view pixels) and whose output pixel is ``stride`` view pixels."""
+    if polygons is None:
+        centers_out = (np.asarray(centers, dtype=float) / scale - np.asarray(corner)) / stride
+        radii = np.broadcast_to(np.asarray(radius, dtype=float) / scale / stride, (len(centers_out),))
+        return circle_weights(centers_out, radii, grid_shape)
+    placed = scaled_polygons(polygons, 1.0 / (scale * stride), (corner[0] / stride, corner[1] / stride))
+    return polygon_weights(placed, grid_shape)
+
+
+def concat_ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """The concatenation of ``arange(a, b)`` for every ``(a, b)`` of ``starts``, ``stops``."""
+    lengths = stops - starts
+    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(starts, lengths) + offsets

@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._validate import check_positive, fail
-from ._geometry import PolygonEdges, circle_weights, edge_weights, polygon_edges
+from ._geometry import PolygonEdges, circle_weights, concat_ranges, edge_weights, polygon_edges
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def shapes_per_block(
     nx, ny = bx1 - bx0 + 1, by1 - by0 + 1
     counts = nx * ny
     owner = np.repeat(np.arange(len(on_map)), counts)
-    k = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    k = concat_ranges(np.zeros_like(counts), counts)
     block_id = (by0[owner] + k // nx[owner]) * n_bx + bx0[owner] + k % nx[owner]
     order = np.argsort(block_id, kind="stable")
     block_id, shape_id = block_id[order], on_map[owner[order]]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._augment import dihedral, stain_jitter
-from ._geometry import circle_weights, polygon_weights
+from ._geometry import concat_ranges, spot_weights
 from ._reader import SlideReader
 
 logger = logging.getLogger(__name__)
@@ -33,14 +33,10 @@ class SlideSpots:
         """Sparse (len(ids), n_out * n_out) exact overlap areas (output px^2) of spots ``ids`` with the output
         pixels of a view read at ``scale`` encoder pixels per pixel, its top-left corner at ``corner`` (view
         pixels)."""
-        if self.polygons is None:
-            centers_out = (self.centers[ids] / scale - np.asarray(corner)) / stride
-            return circle_weights(centers_out, np.full(len(ids), self.radius / scale / stride), (n_out, n_out))
-        from ..tl._inputs import scaled_polygons
-
-        f = 1.0 / (scale * stride)
-        placed = scaled_polygons(self.polygons[ids], f, (corner[0] / stride, corner[1] / stride))
-        return polygon_weights(placed, (n_out, n_out))
+        radius = self.radius if np.ndim(self.radius) == 0 else self.radius[ids]
+        polygons = None if self.polygons is None else self.polygons[ids]
+        return spot_weights(self.centers[ids], radius, polygons, (n_out, n_out), scale=scale, corner=corner,
+                            stride=stride)
 
 
 def plan_tiles(centers: np.ndarray, radius, tile: int, margin: int) -> np.ndarray:
@@ -85,19 +81,12 @@ def plan_tiles(centers: np.ndarray, radius, tile: int, margin: int) -> np.ndarra
         newly = newly[uncovered[newly]]
         uncovered[newly] = False
         # every candidate that held a newly covered spot gains one spot less
-        np.subtract.at(gain, cand[_ranges(spot_start[newly], spot_start[newly + 1])], 1)
+        np.subtract.at(gain, cand[concat_ranges(spot_start[newly], spot_start[newly + 1])], 1)
     return np.asarray(chosen, dtype=int).reshape(-1, 2)
 
 
 #: spots whose candidate tiles are listed at a time (bounds the memory of planning a grid of many bins)
 _PLAN_CHUNK = 32768
-
-
-def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-    """The concatenation of ``arange(a, b)`` for every ``(a, b)`` of ``starts``, ``stops``."""
-    lengths = stops - starts
-    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.repeat(starts, lengths) + offsets
 
 
 def _candidate_pairs(centers, r, first_spot, axes, lo, step, tile, margin) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +101,7 @@ def _candidate_pairs(centers, r, first_spot, axes, lo, step, tile, margin) -> tu
     nx = np.maximum(x_z - x_a + 1, 0)
     per_spot = nx * np.maximum(y_z - y_a + 1, 0)
     spot = np.repeat(np.arange(len(centers)), per_spot)
-    k = _ranges(np.zeros(len(centers), dtype=np.int64), per_spot)
+    k = concat_ranges(np.zeros(len(centers), dtype=np.int64), per_spot)
     ix = x_a[spot] + k % np.maximum(nx, 1)[spot]
     iy = y_a[spot] + k // np.maximum(nx, 1)[spot]
     cx, cy, rr = centers[spot, 0], centers[spot, 1], r[spot]
@@ -318,11 +307,8 @@ def _random_shift(c, radius, x0, y0, tile, margin, stride, rng) -> tuple[int, in
     """A shift (multiple of the output stride) that keeps the spots ``c`` fully inside the tile's core."""
     if len(c) == 0:
         return 0, 0
-    r = np.asarray(radius, dtype=float)
-    if r.ndim:  # one radius per spot: the extremes of the spots' extents
-        c_hi, c_lo = (c + r[:, None]).max(0), (c - r[:, None]).min(0)
-    else:
-        c_hi, c_lo = c.max(0) + radius, c.min(0) - radius
+    r = np.broadcast_to(np.asarray(radius, dtype=float), (len(c),))[:, None]  # one radius, or one per spot
+    c_hi, c_lo = (c + r).max(0), (c - r).min(0)
     lo = (c_hi + margin - tile) - np.array([x0, y0])  # most negative allowed shift
     hi = (c_lo - margin) - np.array([x0, y0])
     lo, hi = np.ceil(lo / stride), np.floor(hi / stride)

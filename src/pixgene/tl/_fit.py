@@ -15,7 +15,8 @@ import scipy.sparse as sp
 
 from .._keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, UNS_KEY
 from .._validate import check_positive, fail
-from ._inputs import SpotSlide, prepare_spot_slide, scaled_polygons
+from ..data._geometry import scaled_polygons
+from ._inputs import SpotSlide, prepare_spot_slide
 
 logger = logging.getLogger(__name__)
 

@@ -55,19 +55,9 @@ class SpotSlide:
     def area_operator(self, divisor: float, grid_shape: tuple[int, int]):
         """Sparse (n, H * W) exact overlap areas (grid px^2) of every spot with a grid whose pixel is
         ``divisor`` image pixels, its top-left corner at the image's."""
-        from ..data._geometry import circle_weights, polygon_weights
+        from ..data._geometry import spot_weights
 
-        if self.polygons is None:
-            return circle_weights(self.centers / divisor, self.radius / divisor, grid_shape)
-        return polygon_weights(scaled_polygons(self.polygons, 1.0 / divisor), grid_shape)
-
-
-def scaled_polygons(polygons: np.ndarray, factor: float, offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
-    """Polygons with every vertex mapped to ``vertex * factor - offset``."""
-    import shapely
-
-    shift = np.asarray(offset, dtype=float)
-    return shapely.transform(polygons, lambda xy: xy * factor - shift)
+        return spot_weights(self.centers, self.radius, self.polygons, grid_shape, scale=divisor)
 
 
 def linked_table_rows(table: Any, shapes: Any, *, table_key: str, shapes_key: str) -> np.ndarray:
