@@ -31,7 +31,10 @@ coarser, as on st_mob; patch and superpixel sizes are in encoder pixels, so the 
               encoded alone, without the 128 encoder pixels of image around it that the default encodes and
               crops away (``pixgene_tile_alone``, ``pixgene_single_tile_alone``: ``tile_context_px=0``); the
               default on ImageNet EfficientNet-Lite1 (``pixgene_lite1``: ``encoder="efficientnet_lite1"``,
-              weights from ``pixgene[lite]``; the baselines keep Lite0)
+              weights from ``pixgene[lite]``; the baselines keep Lite0); the default's model predicting with
+              test-time augmentation (``pixgene_tta``: ``predict_dense(tta=4)``, the mean of the maps of each
+              tile, its half turn and its two mirror images; when ``pixgene`` runs in the same fold its model
+              is not fitted again)
 
 Cross-scale (synthetic data, truth known everywhere)
     Fit on 100 um spots only, read the dense map out over 2, 8, 16 and 55 um square bins and over the
@@ -82,9 +85,14 @@ PIXGENE = {
     "pixgene_tile_alone": {"tile_context_px": 0},
     "pixgene_single_tile_alone": {**SINGLE, "tile_context_px": 0},
     "pixgene_lite1": {"encoder": "efficientnet_lite1"},
+    "pixgene_tta": {},
 }
 #: one-decoder methods that are member 0 of another method's model: {single: its ensemble}
 SINGLE_OF = {"pixgene_single": "pixgene", "pixgene_single_tile_alone": "pixgene_tile_alone"}
+#: methods that predict with another method's whole model, only ``predict_dense``'s options changed
+PREDICTS_WITH = {"pixgene_tta": "pixgene"}
+#: ``predict_dense`` options of a method (default: none)
+PREDICT_OPTIONS = {"pixgene_tta": {"tta": 4}}
 METHODS = (*BASELINES, *PIXGENE)
 #: what a run without ``--methods`` runs: the baselines, the default, one decoder and the three ablations (the
 #: other variants on request)
@@ -383,7 +391,7 @@ def fit_istar(train: list[Spots], test: Spots, *, encoder, seed: int, epochs: in
 
 
 def fit_pixgene(train_sdatas: list, test: Spots, *, genes: list[str], seed: int, name: str, options: dict,
-                model=None, **_) -> tuple[np.ndarray, dict, object]:
+                model=None, predict_options: dict | None = None, **_) -> tuple[np.ndarray, dict, object]:
     """``pg.tl.fit`` -> ``predict_dense`` -> ``aggregate`` over the test spots; log-normalised like the targets.
     With ``model`` given, the fit is skipped and that model predicts. Returns the prediction, a summary of the
     training and the model."""
@@ -394,7 +402,8 @@ def fit_pixgene(train_sdatas: list, test: Spots, *, genes: list[str], seed: int,
         model = pg.tl.fit(train_sdatas, genes=genes, random_state=seed, progress=False, **options)
     fit_s = time.perf_counter() - t0
     dense_key, table_key = f"he_{name}", f"spots_{name}"
-    pg.tl.predict_dense(test.sdata, model, key_added=dense_key, overwrite=True, progress=False)
+    pg.tl.predict_dense(test.sdata, model, key_added=dense_key, overwrite=True, progress=False,
+                        **(predict_options or {}))
     table = pg.tl.aggregate(test.sdata, shapes="spots", dense_key=dense_key, key_added=table_key,
                             overwrite=True, progress=False)
     order = _align(table, test.sdata.tables["table"])
@@ -415,13 +424,16 @@ def fit_pixgene(train_sdatas: list, test: Spots, *, genes: list[str], seed: int,
 
 
 def member_of_fitted(method: str, fitted: dict) -> tuple[object, float] | None:
-    """``(model, fit_s)`` for a method that is one member of a model this fold has already fitted, else None.
+    """``(model, fit_s)`` for a method that is one member of a model this fold has already fitted, or predicts
+    with that whole model (``PREDICTS_WITH``: the model and its fit time as they are), else None.
 
     ``pixgene_single`` is member 0 of ``pixgene``'s fit, to the bit (``pg.tl.fit`` draws member 0's split and
     seed exactly as with ``n_members=1``; the same model id), so it is not fitted again (likewise every pair
     in ``SINGLE_OF``). Its fit time is what a fit of one member takes: the ensemble's fit less the training of
     its other members.
     """
+    if PREDICTS_WITH.get(method) in fitted:
+        return fitted[PREDICTS_WITH[method]]
     parent = SINGLE_OF.get(method)
     if parent not in fitted:
         return None
@@ -437,7 +449,7 @@ def single_after_full(methods: list[str]) -> list[str]:
     """``methods`` with each one-decoder method of ``SINGLE_OF`` moved right after its ensemble when both run
     (see member_of_fitted)."""
     order = list(methods)
-    for single, parent in SINGLE_OF.items():
+    for single, parent in (*SINGLE_OF.items(), *PREDICTS_WITH.items()):
         if single in order and parent in order:
             order.remove(single)
             order.insert(order.index(parent) + 1, single)
@@ -505,15 +517,18 @@ def run_fold(dataset: str, sections: tuple[str, ...], test_section: str, methods
                 if method in PIXGENE:
                     pred, info, model = fit_pixgene(train_sdatas, test, genes=genes, seed=seed, name=method,
                                                     options={**PIXGENE[method], "feature_cache": features},
-                                                    model=derived and derived[0])
-                    if derived is None and method in SINGLE_OF.values():
+                                                    model=derived and derived[0],
+                                                    predict_options=PREDICT_OPTIONS.get(method))
+                    if derived is None and method in (*SINGLE_OF.values(), *PREDICTS_WITH.values()):
                         fitted[method] = (model, info["fit_s"])
                 else:
                     fn = {"mean": fit_mean, "ridge": fit_ridge, "stnet": fit_stnet, "istar": fit_istar}[method]
                     pred = fn(train, test, encoder=encoder, seed=seed)
             if derived is not None:
                 # timed: the prediction; the fit is the share of the ensemble's fit that one member takes
-                info.update(fit_s=round(derived[1], 1), member_of=SINGLE_OF[method])
+                parent = SINGLE_OF.get(method) or PREDICTS_WITH[method]
+                relation = "member_of" if method in SINGLE_OF else "model_of"
+                info.update(fit_s=round(derived[1], 1), **{relation: parent})
                 record["time_s"] = round(record["time_s"] + derived[1], 1)
             record.update(score(pred, test.y, genes))
             if info:

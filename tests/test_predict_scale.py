@@ -14,6 +14,7 @@ import pytest
 
 import pixgene as pg
 from pixgene._raster import full_resolution, to_float01
+from pixgene._validate import PixgeneInputError
 
 #: a cheap configuration for the tests that compare two runs of the same settings (not tiling exactness)
 FAST = {"chunk_px": 40, "halo_px": 64, "progress": False}
@@ -50,11 +51,11 @@ class CountingCalls:
         self.model, self.fail_at, self.calls = model, fail_at, 0
         self.original = model.predict_intensity
 
-    def __call__(self, tiles):
+    def __call__(self, tiles, tta=1):
         if self.fail_at is not None and self.calls == self.fail_at:
             raise RuntimeError("interrupted on purpose")
         self.calls += 1
-        return self.original(tiles)
+        return self.original(tiles, tta)
 
     def __enter__(self):
         self.model.predict_intensity = self
@@ -258,11 +259,11 @@ def test_killed_process_resumes_to_the_same_map(model, synthetic_small, tmp_path
         import pixgene as pg
         model = pg.tl.PixNet.load({str(model_dir)!r})
         original, calls = model.predict_intensity, []
-        def dying(tiles):
+        def dying(tiles, tta=1):
             if len(calls) == 5:
                 os.kill(os.getpid(), signal.SIGKILL)
             calls.append(1)
-            return original(tiles)
+            return original(tiles, tta)
         model.predict_intensity = dying
         pg.tl.predict_dense(sd.read_zarr({str(path)!r}), model, **{FAST!r})
     """)
@@ -416,6 +417,67 @@ def test_cli_predict_on_an_image_file(model, synthetic_small, tmp_path, capsys):
     expected = pg.tl.predict_dense(same, [pg.tl.PixNet.load(model_dir), pg.tl.PixNet.load(coarse_dir)],
                                    key_added="both", progress=False)
     np.testing.assert_array_equal(_values(sd.read_zarr(both).images["he_pixgene"]), _values(expected))
+
+
+def _turned_back(predict, tiles, axes_flip=(), quarter_turns=0, transpose=False):
+    """The map of the tiles transformed with numpy (flips, then quarter turns, or a transpose), turned
+    back."""
+    x = np.flip(tiles, axes_flip) if axes_flip else tiles
+    x = np.rot90(x, quarter_turns, axes=(-2, -1))
+    x = np.swapaxes(x, -1, -2) if transpose else x
+    y = predict(np.ascontiguousarray(x))
+    y = np.swapaxes(y, -1, -2) if transpose else y
+    y = np.rot90(y, -quarter_turns, axes=(-2, -1))
+    return np.flip(y, axes_flip) if axes_flip else y
+
+
+def test_test_time_transforms_average_the_maps_of_the_turned_tiles(model):
+    """tta=2 / 4 / 8 against the maps of the tiles turned with numpy (half turn, mirror images, quarter turns,
+    transposes), each turned back and averaged; a tta=8 map of a transposed tile is the transposed map."""
+    rng = np.random.default_rng(0)
+    tiles = rng.random((2, 3, 128, 128), dtype=np.float32)
+    plain = model.predict_intensity
+    half = _turned_back(plain, tiles, quarter_turns=2)
+    mirrors = [_turned_back(plain, tiles, axes_flip=(-1,)), _turned_back(plain, tiles, axes_flip=(-2,))]
+    turns = [_turned_back(plain, tiles, quarter_turns=k) for k in (1, 3)]
+    transposes = [_turned_back(plain, tiles, transpose=True), _turned_back(plain, tiles, quarter_turns=2,
+                                                                             transpose=True)]
+    maps = [plain(tiles), half]
+    for n, more in ((2, []), (4, mirrors), (8, turns + transposes)):
+        maps += more
+        expected = np.mean(maps, axis=0)
+        got = model.predict_intensity(tiles, tta=n)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    assert np.abs(half - maps[0]).max() > 1e-3 * np.abs(maps[0]).max()  # the transforms do change the map
+    one = model.predict_intensity(tiles[0], tta=8)
+    turned = model.predict_intensity(np.ascontiguousarray(np.swapaxes(tiles[0], -1, -2)), tta=8)
+    np.testing.assert_allclose(turned, np.swapaxes(one, -1, -2), rtol=1e-5, atol=1e-6 * np.abs(one).max())
+
+
+def test_dense_map_with_test_time_transforms(model, synthetic_small):
+    """predict_dense(tta=4) equals a run whose model call averages the numpy-turned tiles' maps itself; the
+    choice is recorded, and an unsupported one fails before any chunk is predicted."""
+    got = pg.tl.predict_dense(synthetic_small, model, key_added="tta4", tta=4, **FAST)
+    assert synthetic_small.attrs["pixgene"]["dense"]["tta4"]["tta"] == 4
+    original = model.predict_intensity
+
+    def by_hand(tiles, tta=1):
+        assert tta == 1
+        flips = ((), (-2, -1), (-1,), (-2,))
+        return np.mean([_turned_back(original, tiles, axes_flip=axes) for axes in flips], axis=0)
+
+    model.predict_intensity = by_hand
+    try:
+        expected = pg.tl.predict_dense(synthetic_small, model, key_added="by_hand", **FAST)
+    finally:
+        vars(model).pop("predict_intensity", None)
+    np.testing.assert_allclose(_values(got), _values(expected), rtol=1e-5,
+                               atol=1e-6 * np.abs(_values(expected)).max())
+    plain = _values(pg.tl.predict_dense(synthetic_small, model, key_added="plain", **FAST))
+    assert not np.allclose(_values(got), plain, rtol=1e-3)
+    with CountingCalls(model) as counter, pytest.raises(PixgeneInputError, match="tta: 3 is not"):
+        pg.tl.predict_dense(synthetic_small, model, key_added="bad", tta=3, **FAST)
+    assert counter.calls == 0 and "bad" not in synthetic_small.images
 
 
 def test_smooth_window_model_is_saved_restored_and_tiles_like_one_pass(synthetic_small, tmp_path):

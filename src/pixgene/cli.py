@@ -156,7 +156,7 @@ def _predict(args: argparse.Namespace) -> int:
         sdata.write(out, overwrite=args.overwrite)
         sdata = sd.read_zarr(out)
     pg.tl.predict_dense(sdata, models, image_key=image_key, um_per_px=args.um_per_px,
-                        image_um_per_px=args.image_um_per_px, overwrite=args.overwrite)
+                        image_um_per_px=args.image_um_per_px, overwrite=args.overwrite, tta=args.tta)
     print(f"wrote {image_key}_pixgene to {out}")
     return 0
 
@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--image-key", default="he")
     pred.add_argument("--image-um-per-px", type=float, default=None)
     pred.add_argument("--um-per-px", type=float, default=4.0)
+    pred.add_argument("--tta", type=int, default=1, choices=(1, 2, 4, 8),
+                      help="test-time augmentation: average the maps of this many dihedral transforms")
     pred.add_argument("--overwrite", action="store_true")
     pred.set_defaults(func=_predict)
     args = parser.parse_args(argv)

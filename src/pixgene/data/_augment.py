@@ -5,6 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 
+#: the order in which test-time augmentation adds dihedral transforms: the half turn, then the two mirror
+#: images (these four keep a tile's height and width), then the quarter turns and the transposes
+TTA_TRANSFORMS = (0, 2, 4, 6, 1, 3, 5, 7)
+#: the numbers of transforms test-time augmentation takes (the first n of ``TTA_TRANSFORMS``: groups)
+TTA_CHOICES = (1, 2, 4, 8)
+
+
 def dihedral(x, d: int):
     """Apply dihedral transform ``d`` (0-7: optional transpose-flip then k quarter turns) to (..., H, W)."""
     import torch

@@ -106,18 +106,32 @@ class PixNet:
         )
 
     # ---------------------------------------------------------------- inference
-    def predict_intensity(self, tiles: np.ndarray) -> np.ndarray:
+    def predict_intensity(self, tiles: np.ndarray, tta: int = 1) -> np.ndarray:
         """(B, 3, H, W) or (3, H, W) float RGB in [0, 1] at the encoder's um/px -> intensity per um^2.
 
-        Returns (B, n_outputs, H / s, W / s) (or without B) float32, outputs = genes + total.
+        Returns (B, n_outputs, H / s, W / s) (or without B) float32, outputs = genes + total. ``tta`` > 1: the
+        mean of the maps of that many dihedral transforms of the tiles (1, 2, 4 or 8: the first of
+        ``TTA_TRANSFORMS``), each turned back; H and W must then be multiples of :attr:`alignment`, so that a
+        transformed tile's output pixels are the original's.
         """
         import torch
 
+        from ..data._augment import TTA_TRANSFORMS, dihedral, dihedral_inverse
+
+        check_tta(tta)
         single = tiles.ndim == 3
         x = torch.from_numpy(np.ascontiguousarray(tiles[None] if single else tiles, dtype=np.float32))
+        if tta > 1 and (x.shape[-1] % self.alignment or x.shape[-2] % self.alignment):
+            raise ValueError(f"tiles of {x.shape[-2]} x {x.shape[-1]} px are not multiples of the model's "
+                             f"alignment ({self.alignment} px), which test-time transforms need")
         device = next(self.module.head.parameters()).device
+        x = x.to(device)
+        out = None
         with torch.inference_mode():
-            out = self.module(x.to(device)).float().cpu().numpy()
+            for d in TTA_TRANSFORMS[:tta]:
+                y = dihedral_inverse(self.module(dihedral(x, d)).float(), d)
+                out = y if out is None else out + y
+        out = (out / tta if tta > 1 else out).cpu().numpy()
         return out[0] if single else out
 
     @property
@@ -328,3 +342,14 @@ def _json_default(obj: Any):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot store {type(obj).__name__} in config.json")
+
+
+def check_tta(tta: Any) -> None:
+    """Fail unless ``tta`` is a number of test-time transforms pixgene takes (1, 2, 4 or 8)."""
+    from .._validate import fail
+    from ..data._augment import TTA_CHOICES
+
+    if isinstance(tta, bool) or tta not in TTA_CHOICES:
+        fail("tta", f"{tta!r} is not a number of test-time transforms",
+             "Pass tta=1 (none), 2 (the half turn), 4 (and the mirror images) or 8 (every dihedral "
+             "transform)")

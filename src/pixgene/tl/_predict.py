@@ -55,6 +55,7 @@ import numpy as np
 from .._keys import IMAGE_KEY, UNS_KEY, dense_key
 from .._units import record_um_per_px, resolve_um_per_px
 from .._validate import check_not_exists, check_positive, fail, require_element
+from ._model import check_tta
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +278,7 @@ class ModelPart:
     grid: DenseGrid
     tile_hw: tuple[int, int]
     weight: float = 1.0  # its share of the mean (the weights of a prediction's models sum to 1)
+    tta: int = 1  # test-time transforms averaged (PixNet.predict_intensity)
 
 
 def predict_chunks(parts: list[ModelPart], blocks, store, dtype: str, device: str | None,
@@ -305,7 +307,7 @@ def predict_chunks(parts: list[ModelPart], blocks, store, dtype: str, device: st
         if threads is not None and threads != before:
             torch.set_num_threads(threads)
         try:
-            lam = part.model.predict_intensity(tiles)
+            lam = part.model.predict_intensity(tiles, part.tta)
         finally:
             if torch.get_num_threads() != before:
                 torch.set_num_threads(before)
@@ -387,7 +389,8 @@ def run_chunk_tasks(parts: list[ModelPart], batches, store, dtype, device, threa
                 finally:
                     _move(part.model, home)
                 reader_ref = client.scatter(part.reader, broadcast=True, hash=False)
-                scattered.append(ModelPart(model_ref, reader_ref, part.grid, part.tile_hw, part.weight))
+                scattered.append(ModelPart(model_ref, reader_ref, part.grid, part.tile_hw, part.weight,
+                                           part.tta))
             tasks = [task(scattered, b) for b in batches]  # each worker runs its own copies
             for future in as_completed(client.compute(tasks)):
                 done = future.result()
@@ -432,6 +435,7 @@ def predict_dense(
     device: str | None = None,
     batch_size: int | None = None,
     threads: int | None = None,
+    tta: int = 1,
     progress: bool = True,
 ):
     """Predict the dense intensity map over the whole image and store it as an image element.
@@ -486,6 +490,11 @@ def predict_dense(
         Torch intra-op threads per model call on a CPU; default: this process's ``torch.get_num_threads()``.
         Cluster workers use the same number, because CPU kernels split their sums by thread: the same count
         is what makes the map identical wherever it is computed.
+    tta
+        Test-time augmentation: each tile's map is the mean of the maps of this many dihedral transforms of
+        it, each turned back (1: none; 2: and the half turn; 4: and the two mirror images; 8: and the quarter
+        turns and transposes). The decoders were trained on such transforms, so the mean removes what of a map
+        depends on the tile's orientation; the prediction takes about ``tta`` times as long.
     progress
         Show a tqdm progress bar over chunks.
 
@@ -513,6 +522,7 @@ def predict_dense(
         integer = isinstance(value, int | np.integer) and not isinstance(value, bool)
         if value is not None and (not integer or value < 1):
             fail(name, f"{value!r} is not a positive integer", f"Pass {name}=256 or another positive integer")
+    check_tta(tta)
     if halo_px is not None and (not np.isfinite(halo_px) or halo_px < 0):
         fail("halo_px", f"{halo_px!r} is not a non-negative number",
              "Pass halo_px=None to derive it from the model")
@@ -559,14 +569,14 @@ def predict_dense(
                 ready = fitted.with_feature_stats(*stats)
             grid = DenseGrid(out_shape, float(um_per_px), ready.encoder_um_per_px, ready.out_um_per_px,
                              ready.out_stride, align, halo)
-            parts.append(ModelPart(ready, reader, grid, grid.tile_shape(blocks), shares[len(parts)]))
+            parts.append(ModelPart(ready, reader, grid, grid.tile_shape(blocks), shares[len(parts)], tta))
             halos.append((halo, edge_error))
         tissue = _tissue_blocks(mask, blocks, um_per_px / image_um) if skip_background else blocks
         n_out = len(models[0].outputs)
         params = {
             "image_key": image_key, "image_shape": [H0, W0], "um_per_px": float(um_per_px),
             "image_um_per_px": image_um, "chunk_px": int(chunk_px), "dtype": dtype,
-            "skip_background": skip_background,
+            "skip_background": skip_background, "tta": tta,
         }
         if len(models) == 1:
             params.update(halo_px=halos[0][0], tile_px=list(parts[0].tile_hw), model_id=models[0].model_id)
