@@ -475,9 +475,10 @@ def test_dense_map_with_test_time_transforms(model, synthetic_small):
                                atol=1e-6 * np.abs(_values(expected)).max())
     plain = _values(pg.tl.predict_dense(synthetic_small, model, key_added="plain", **FAST))
     assert not np.allclose(_values(got), plain, rtol=1e-3)
-    with CountingCalls(model) as counter, pytest.raises(PixgeneInputError, match="tta: 3 is not"):
-        pg.tl.predict_dense(synthetic_small, model, key_added="bad", tta=3, **FAST)
-    assert counter.calls == 0 and "bad" not in synthetic_small.images
+    for bad in (3, 2.0, True):
+        with CountingCalls(model) as counter, pytest.raises(PixgeneInputError, match=f"tta: {bad!r} is not"):
+            pg.tl.predict_dense(synthetic_small, model, key_added="bad", tta=bad, **FAST)
+        assert counter.calls == 0 and "bad" not in synthetic_small.images
 
 
 def test_smooth_window_model_is_saved_restored_and_tiles_like_one_pass(synthetic_small, tmp_path):

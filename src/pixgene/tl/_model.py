@@ -349,7 +349,7 @@ def check_tta(tta: Any) -> None:
     from .._validate import fail
     from ..data._augment import TTA_CHOICES
 
-    if isinstance(tta, bool) or tta not in TTA_CHOICES:
+    if isinstance(tta, bool) or not isinstance(tta, int | np.integer) or tta not in TTA_CHOICES:
         fail("tta", f"{tta!r} is not a number of test-time transforms",
              "Pass tta=1 (none), 2 (the half turn), 4 (and the mirror images) or 8 (every dihedral "
              "transform)")
