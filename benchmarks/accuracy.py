@@ -525,7 +525,8 @@ def run_fold(dataset: str, sections: tuple[str, ...], test_section: str, methods
                     fn = {"mean": fit_mean, "ridge": fit_ridge, "stnet": fit_stnet, "istar": fit_istar}[method]
                     pred = fn(train, test, encoder=encoder, seed=seed)
             if derived is not None:
-                # timed: the prediction; the fit is the share of the ensemble's fit that one member takes
+                # timed: the prediction; the fit is the share of the ensemble's fit that one member takes, or (for
+                # a method of PREDICTS_WITH) the whole fit of the model it predicts with
                 parent = SINGLE_OF.get(method) or PREDICTS_WITH[method]
                 relation = "member_of" if method in SINGLE_OF else "model_of"
                 info.update(fit_s=round(derived[1], 1), **{relation: parent})
