@@ -449,6 +449,14 @@ def test_test_time_transforms_average_the_maps_of_the_turned_tiles(model):
         got = model.predict_intensity(tiles, tta=n)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
     assert np.abs(half - maps[0]).max() > 1e-3 * np.abs(maps[0]).max()  # the transforms do change the map
+    rect = rng.random((1, 3, 96, 160), dtype=np.float32)  # quarter turns swap the sides of a non-square tile
+    by_hand = np.mean([plain(rect), _turned_back(plain, rect, quarter_turns=2),
+                       _turned_back(plain, rect, axes_flip=(-1,)), _turned_back(plain, rect, axes_flip=(-2,)),
+                       *[_turned_back(plain, rect, quarter_turns=k) for k in (1, 3)],
+                       _turned_back(plain, rect, transpose=True),
+                       _turned_back(plain, rect, quarter_turns=2, transpose=True)], axis=0)
+    got = model.predict_intensity(rect, tta=8)
+    np.testing.assert_allclose(got, by_hand, rtol=1e-5, atol=1e-6 * np.abs(by_hand).max())
     one = model.predict_intensity(tiles[0], tta=8)
     turned = model.predict_intensity(np.ascontiguousarray(np.swapaxes(tiles[0], -1, -2)), tta=8)
     np.testing.assert_allclose(turned, np.swapaxes(one, -1, -2), rtol=1e-5, atol=1e-6 * np.abs(one).max())
