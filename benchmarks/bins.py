@@ -54,19 +54,33 @@ def summary(s: dict) -> dict:
 # -------------------------------------------------------------------------------------------------- synthetic
 
 
-def synthetic_part(seed: int, n_members: int) -> dict:
+#: where the synthetic parts read each dense map out (name: shapes element)
+READOUTS = {"8 um bins": "grid_8um", "16 um bins": "bins", "55 um spots": "spots"}
+
+
+def bins_slide(seed: int, **options) -> tuple:
+    """The synthetic slide of both synthetic parts (55 um spots, 16 um bins and an 8 um grid) and its genes."""
     sdata = pg.datasets.synthetic(seed, size_um=3072.0, n_genes=30, spot_diameter_um=55.0, spot_pitch_um=100.0,
-                                  expected_truth=True, bins_um=16.0)
-    genes = [g for g in sdata.tables["table"].var_names if g.startswith("GENE")]
-    readouts = {"8 um bins": "grid_8um", "16 um bins": "bins", "55 um spots": "spots"}
+                                  bins_um=16.0, **options)
     pg.tl.make_grid(sdata, bin_um=8.0, key_added="grid_8um")
-    rows = []
-    ceiling = {}
-    for where, shapes in readouts.items():
-        key = f"{shapes}_ceiling"
-        pg.tl.aggregate(sdata, shapes=shapes, dense_key="truth_expected", key_added=key, progress=False)
-        ceiling[where] = summary(pg.tl.evaluate(sdata, predicted=key, truth="truth", genes=genes).summary)
+    return sdata, [g for g in sdata.tables["table"].var_names if g.startswith("GENE")]
+
+
+def readout_scores(sdata, dense_key: str, genes: list[str]) -> dict:
+    """The map ``dense_key`` read out over every shapes element of READOUTS, each scored against the truth."""
+    scores = {}
+    for where, shapes in READOUTS.items():
+        key = f"{shapes}_{dense_key}"
+        pg.tl.aggregate(sdata, shapes=shapes, dense_key=dense_key, key_added=key, progress=False)
+        scores[where] = summary(pg.tl.evaluate(sdata, predicted=key, truth="truth", genes=genes).summary)
         del sdata.tables[key]
+    return scores
+
+
+def synthetic_part(seed: int, n_members: int) -> dict:
+    sdata, genes = bins_slide(seed, expected_truth=True)
+    rows = []
+    ceiling = readout_scores(sdata, "truth_expected", genes)
     for name, shapes_key, table_key in (("55 um circles (Visium)", "spots", "table"),
                                         ("16 um square bins (Visium HD)", "bins", "bins_table")):
         log.info("fitting on %s (%d spots)", name, sdata.tables[table_key].n_obs)
@@ -76,12 +90,7 @@ def synthetic_part(seed: int, n_members: int) -> dict:
         fit_s = time.perf_counter() - t0
         dense = f"he_{shapes_key}_model"
         pg.tl.predict_dense(sdata, model, key_added=dense, progress=False)
-        scores = {}
-        for where, shapes in readouts.items():
-            key = f"{shapes}_{dense}"
-            pg.tl.aggregate(sdata, shapes=shapes, dense_key=dense, key_added=key, progress=False)
-            scores[where] = summary(pg.tl.evaluate(sdata, predicted=key, truth="truth", genes=genes).summary)
-            del sdata.tables[key]
+        scores = readout_scores(sdata, dense, genes)
         rows.append({"trained_on": name, "n_spots": int(sdata.tables[table_key].n_obs),
                      "n_tiles": int(model.training.get("n_tiles", 0)), "fit_s": round(fit_s, 1),
                      "total_s": round(time.perf_counter() - t0, 1), "model_id": model.model_id,
@@ -96,11 +105,7 @@ LOSSES = {"default": {}, "no MSE": {"mse": 0.0}, "no Pearson": {"pearson": 0.0},
 
 
 def loss_part(seed: int) -> dict:
-    sdata = pg.datasets.synthetic(seed, size_um=3072.0, n_genes=30, spot_diameter_um=55.0, spot_pitch_um=100.0,
-                                  bins_um=16.0)
-    genes = [g for g in sdata.tables["table"].var_names if g.startswith("GENE")]
-    readouts = {"8 um bins": "grid_8um", "16 um bins": "bins", "55 um spots": "spots"}
-    pg.tl.make_grid(sdata, bin_um=8.0, key_added="grid_8um")
+    sdata, genes = bins_slide(seed)
     rows = []
     runs = [("16 um square bins", "bins", "bins_table", name) for name in LOSSES]
     runs += [("55 um circles", "spots", "table", name) for name in ("default", "no MSE")]
@@ -110,12 +115,7 @@ def loss_part(seed: int) -> dict:
                           n_members=1, loss_weights=LOSSES[name], progress=False)
         fit_s = time.perf_counter() - t0
         pg.tl.predict_dense(sdata, model, key_added="loss_map", overwrite=True, progress=False)
-        scores = {}
-        for where, shapes in readouts.items():
-            pg.tl.aggregate(sdata, shapes=shapes, dense_key="loss_map", key_added="loss_readout", overwrite=True,
-                            progress=False)
-            scores[where] = summary(pg.tl.evaluate(sdata, predicted="loss_readout", truth="truth",
-                                                   genes=genes).summary)
+        scores = readout_scores(sdata, "loss_map", genes)
         rows.append({"trained_on": trained_on, "loss": name, "loss_weights": LOSSES[name], "scores": scores,
                      "fit_s": round(fit_s, 1), "model_id": model.model_id})
         log.info("loss %s", rows[-1])

@@ -409,8 +409,7 @@ def spot_weights(
     top-left corner is ``corner`` (view pixels) and whose output pixel is ``stride`` view pixels."""
     if polygons is None:
         centers_out = (np.asarray(centers, dtype=float) / scale - np.asarray(corner)) / stride
-        radii = np.broadcast_to(np.asarray(radius, dtype=float) / scale / stride, (len(centers_out),))
-        return circle_weights(centers_out, radii, grid_shape)
+        return circle_weights(centers_out, np.asarray(radius, dtype=float) / scale / stride, grid_shape)
     placed = scaled_polygons(polygons, 1.0 / (scale * stride), (corner[0] / stride, corner[1] / stride))
     return polygon_weights(placed, grid_shape)
 
