@@ -28,14 +28,15 @@ import numpy as np
 log = logging.getLogger("precision")
 
 
-def _module(precision: str):
+def _module(precision: str, members: int = 1):
     import torch
 
     from pixgene.nn._encoders import build_encoder
     from pixgene.tl._model import build_module
 
     torch.manual_seed(0)
-    decoder = {"width": 48, "out_stride": 4, "block": "fusion", "window": 8, "precision": precision}
+    decoder = {"width": 48, "out_stride": 4, "block": "fusion", "window": 8, "precision": precision,
+               "members": members}
     return build_module(build_encoder("efficientnet_lite0").config(), "default", n_outputs=51,
                         decoder_config=decoder).eval()
 
