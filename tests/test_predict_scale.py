@@ -465,8 +465,9 @@ def test_test_time_transforms_average_the_maps_of_the_turned_tiles(model):
 def test_dense_map_with_test_time_transforms(model, synthetic_small):
     """predict_dense(tta=4) equals a run whose model call averages the numpy-turned tiles' maps itself; the
     choice is recorded, and an unsupported one fails before any chunk is predicted."""
-    got = pg.tl.predict_dense(synthetic_small, model, key_added="tta4", tta=4, **FAST)
-    assert synthetic_small.attrs["pixgene"]["dense"]["tta4"]["tta"] == 4
+    got = pg.tl.predict_dense(synthetic_small, model, key_added="tta4", tta=np.int64(4), **FAST)
+    recorded = synthetic_small.attrs["pixgene"]["dense"]["tta4"]["tta"]
+    assert recorded == 4 and type(recorded) is int  # stored as JSON
     original = model.predict_intensity
 
     def by_hand(tiles, tta=1):

@@ -523,6 +523,7 @@ def predict_dense(
         if value is not None and (not integer or value < 1):
             fail(name, f"{value!r} is not a positive integer", f"Pass {name}=256 or another positive integer")
     check_tta(tta)
+    tta = int(tta)  # a numpy integer too: the parameters are written as JSON (attrs, a partial map's params)
     if halo_px is not None and (not np.isfinite(halo_px) or halo_px < 0):
         fail("halo_px", f"{halo_px!r} is not a non-negative number",
              "Pass halo_px=None to derive it from the model")
