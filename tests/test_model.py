@@ -569,6 +569,32 @@ def test_fit_leaves_torchs_global_switches_as_it_found_them(synthetic_small):
         torch.backends.cudnn.benchmark = False
 
 
+def test_fit_skips_batches_without_training_spots_without_a_warning(synthetic_small, monkeypatch):
+    """A batch whose tiles hold validation spots alone has nothing to train on: its step is skipped on purpose,
+    and Lightning's warning about a skipped step does not reach the user."""
+    import warnings
+
+    import pixgene as pg
+    from conftest import FIT_GENES
+    from pixgene.tl._train import PixNetTrainingPlan
+
+    steps = []
+    training_step = PixNetTrainingPlan.training_step
+
+    def counted(self, batch, batch_idx):
+        out = training_step(self, batch, batch_idx)
+        steps.append(out is None)
+        return out
+
+    monkeypatch.setattr(PixNetTrainingPlan, "training_step", counted)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], max_epochs=1, n_views=1, width=8, n_members=1,
+                  batch_size=1, val_fraction=0.8, progress=False)
+    assert any(steps) and not all(steps)  # some steps were skipped, others trained
+    assert not [w for w in caught if "training_step" in str(w.message)]
+
+
 def test_collate_maps_each_views_operator_through_its_dihedral():
     """Spot sums over the network's output of a transformed view, read through the collated columns, equal
     the sums over the output turned back into the tile's orientation (dihedral_inverse) read through the view's

@@ -473,6 +473,9 @@ def train(
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
             # no validation spots (see above): nothing to validate, on purpose
             warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no `val_dataloader`")
+            # a batch whose tiles hold validation spots alone (an epoch's last, short batch, where a tile holds
+            # one spot, as on legacy ST) has nothing to train on: its step is skipped, on purpose
+            warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
             trainer.fit(plan, train_loader, val_loader if validate else None)
     if keep.state is not None:
         plan.load_state_dict(keep.state)
