@@ -59,6 +59,29 @@ def training_inputs(section: str, n_genes: int, seed: int):
     return captured["module"], captured["cache"], captured["kwargs"]
 
 
+def training_batches(module, cache, batch_size: int, n: int, seed: int) -> list[dict]:
+    """``n`` batches of random (tile, view) items as training draws them, each with its views' own columns and
+    dihedrals (``view_cols``, ``dihedrals``); ``module``'s decoder and head put in training's channels-last
+    layout."""
+    import torch
+
+    from pixgene.tl import _train
+
+    module.decoder.to(memory_format=torch.channels_last)
+    module.head.to(memory_format=torch.channels_last)
+    collate = _train.make_collate(cache)
+    rng = np.random.default_rng(seed)
+    n_views = len(cache.views[0])
+    batches = []
+    for _ in range(n):
+        items = [(int(t), int(rng.integers(n_views))) for t in rng.choice(cache.n_tiles, batch_size, replace=False)]
+        batch = collate(items)
+        batch["view_cols"] = torch.from_numpy(np.concatenate([cache.views[t][v].cols for t, v in items]))
+        batch["dihedrals"] = [cache.views[t][v].dihedral for t, v in items]
+        batches.append(batch)
+    return batches
+
+
 def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
     import torch
 
@@ -67,20 +90,7 @@ def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
     from pixgene.tl import _train
 
     module, cache, kwargs = training_inputs(section, n_genes, seed)
-    module.decoder.to(memory_format=torch.channels_last)
-    module.head.to(memory_format=torch.channels_last)
-    collate = _train.make_collate(cache)
-    rng = np.random.default_rng(seed)
-    n_views = len(cache.views[0])
-    batches = []
-    for _ in range(steps + 1):
-        items = [(int(t), int(rng.integers(n_views))) for t in rng.choice(cache.n_tiles, kwargs["batch_size"],
-                                                                           replace=False)]
-        batch = collate(items)
-        # the views' own columns and dihedrals, for the way before
-        batch["view_cols"] = torch.from_numpy(np.concatenate([cache.views[t][v].cols for t, v in items]))
-        batch["dihedrals"] = [cache.views[t][v].dihedral for t, v in items]
-        batches.append(batch)
+    batches = training_batches(module, cache, kwargs["batch_size"], steps + 1, seed)
 
     modules, plans, optimisers = {}, {}, {}
     for name in ("whole map", "covered pixels"):

@@ -21,31 +21,37 @@ def test_import_pixgene_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_window_attention_matches_explicit_per_window_softmax():
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_window_attention_matches_explicit_per_window_softmax(layout):
+    """Any input layout gives the same values; a channels-last input (training's and prediction's layout)
+    gives a channels-last output."""
     from pixgene.nn._decoder import WindowAttention
 
     torch.manual_seed(0)
     attn = WindowAttention(6, 4, heads=2, window=4).eval()
-    x = torch.randn(1, 6, 8, 12)
-    out = attn(x).detach().numpy()
-    qkv = attn.qkv(x).detach().numpy()[0]  # (12, 8, 12)
-    q, k, v = qkv[:4], qkv[4:8], qkv[8:]
-    ref = np.zeros((4, 8, 12))
-    for wy in range(2):
-        for wx in range(3):
-            rows, cols = slice(4 * wy, 4 * wy + 4), slice(4 * wx, 4 * wx + 4)
-            for h in range(2):
-                ch = slice(2 * h, 2 * h + 2)
-                Q = q[ch][:, rows, cols].reshape(2, -1).T
-                K = k[ch][:, rows, cols].reshape(2, -1).T
-                V = v[ch][:, rows, cols].reshape(2, -1).T
-                a = Q @ K.T / np.sqrt(2)
-                a = np.exp(a - a.max(1, keepdims=True))
-                a /= a.sum(1, keepdims=True)
-                ref[ch, 4 * wy : 4 * wy + 4, 4 * wx : 4 * wx + 4] = (a @ V).T.reshape(2, 4, 4)
-    proj = torch.nn.functional.conv2d(torch.from_numpy(ref[None]).float(), attn.proj.weight, attn.proj.bias)
-    skip = attn.skip(x)
-    np.testing.assert_allclose(out, (skip + proj).detach().numpy(), atol=1e-5)
+    x = torch.randn(2, 6, 8, 12)
+    if layout == "channels_last":
+        attn = attn.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = attn(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    ref = np.zeros((2, 4, 8, 12))
+    for i, qkv in enumerate(attn.qkv(x).detach().numpy()):  # (12, 8, 12) each
+        q, k, v = qkv[:4], qkv[4:8], qkv[8:]
+        for wy in range(2):
+            for wx in range(3):
+                rows, cols = slice(4 * wy, 4 * wy + 4), slice(4 * wx, 4 * wx + 4)
+                for h in range(2):
+                    ch = slice(2 * h, 2 * h + 2)
+                    Q = q[ch][:, rows, cols].reshape(2, -1).T
+                    K = k[ch][:, rows, cols].reshape(2, -1).T
+                    V = v[ch][:, rows, cols].reshape(2, -1).T
+                    a = Q @ K.T / np.sqrt(2)
+                    a = np.exp(a - a.max(1, keepdims=True))
+                    a /= a.sum(1, keepdims=True)
+                    ref[i, ch, 4 * wy : 4 * wy + 4, 4 * wx : 4 * wx + 4] = (a @ V).T.reshape(2, 4, 4)
+    proj = torch.nn.functional.conv2d(torch.from_numpy(ref).float(), attn.proj.weight, attn.proj.bias)
+    np.testing.assert_allclose(y.detach().numpy(), (attn.skip(x) + proj).detach().numpy(), atol=1e-5)
 
 
 def test_smooth_window_attention_blends_four_window_grids_with_tent_weights():

@@ -149,9 +149,12 @@ class WindowAttention(nn.Module):
         c = c3 // 3
         d = c // self.heads
         nw = (h // k) * (w // k)
-        # (b, 3, heads, d, h/k, k, w/k, k) -> (3, b * h/k * w/k * heads, k*k, d)
-        t = qkv.reshape(b, 3, self.heads, d, h // k, k, w // k, k).permute(1, 0, 4, 6, 2, 5, 7, 3)
-        q, key, v = t.reshape(3, b * nw * self.heads, k * k, d).unbind(0)
+        # the windows are cut from the (b, h, w, 3c) view, which is contiguous for a channels-last qkv (the
+        # layout of training and prediction): one copy each way, against two through (b, 3c, h, w); and the
+        # output comes back channels-last, the layout the projection's weights have. The same values either way.
+        # (b, h/k, k, w/k, k, 3, heads, d) -> (3, b * h/k * w/k * heads, k*k, d)
+        t = qkv.permute(0, 2, 3, 1).reshape(b, h // k, k, w // k, k, 3, self.heads, d)
+        q, key, v = t.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, b * nw * self.heads, k * k, d).unbind(0)
         # plain softmax(q k^T / sqrt(d)) v: on a CPU, scaled_dot_product_attention falls back to a "safe"
         # softmax whose masking checks cost ~15% of a training step here, for the same values
         logits = torch.bmm(q * d**-0.5, key.transpose(1, 2))
@@ -161,7 +164,9 @@ class WindowAttention(nn.Module):
             bias = (mask - 1.0) * 1e4
             logits = (logits.reshape(b, nw, self.heads, k * k, k * k) + bias[None, :, None]).reshape(logits.shape)
         out = torch.bmm(logits.softmax(-1), v)
-        return out.reshape(b, h // k, w // k, self.heads, k, k, d).permute(0, 3, 6, 1, 4, 2, 5).reshape(b, c, h, w)
+        # (b, h/k, w/k, heads, k, k, d) -> (b, h, w, c), seen as (b, c, h, w) channels-last
+        out = out.reshape(b, h // k, w // k, self.heads, k, k, d).permute(0, 1, 4, 2, 5, 3, 6)
+        return out.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def _tent(n: int, k: int, offset: int, like: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,157 @@
+"""How the fusion blocks' attention cuts its windows, side by side: through the (b, 3c, h, w) tensor (before
+2026-12-02 16:30) against through its (b, h, w, 3c) view, which is contiguous in the channels-last layout
+training and prediction run in (``WindowAttention._windows`` now).
+
+Both are the same function (a different order of copies, the same arithmetic): the script checks that the two
+give the same loss, to the bit, at every step. On her2st C3's training cache as ``pg.tl.fit`` builds it
+(``train_step.py``'s inputs: its defaults, one member), from the same weights on the same batches, alternating
+step by step so that a noisy machine hits both alike; medians over ``--steps``:
+
+- training step: forward, backward and AdamW step of ``PixNetTrainingPlan._loss``, as training runs it;
+- decode: the decoder and head on a batch's features in inference mode, as a prediction runs them.
+
+    python benchmarks/attention_windows.py       # prints a table, writes results/attention_windows.json and .md
+    python benchmarks/attention_windows.py --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import time
+
+log = logging.getLogger("attention_windows")
+WAYS = ("(b, 3c, h, w)", "(b, h, w, 3c) view")
+
+
+def windows_before(self, qkv, valid):
+    """``WindowAttention._windows`` before: windows cut from (b, 3c, h, w), two copies each way on a
+    channels-last tensor; the output in the NCHW layout."""
+    import torch
+
+    b, c3, h, w = qkv.shape
+    k = self.window
+    c = c3 // 3
+    d = c // self.heads
+    nw = (h // k) * (w // k)
+    t = qkv.reshape(b, 3, self.heads, d, h // k, k, w // k, k).permute(1, 0, 4, 6, 2, 5, 7, 3)
+    q, key, v = t.reshape(3, b * nw * self.heads, k * k, d).unbind(0)
+    logits = torch.bmm(q * d**-0.5, key.transpose(1, 2))
+    if valid is not None:
+        mask = valid.reshape(h // k, k, w // k, k).permute(0, 2, 1, 3).reshape(nw, 1, k * k)
+        logits = (logits.reshape(b, nw, self.heads, k * k, k * k) + ((mask - 1.0) * 1e4)[None, :, None]).reshape(
+            logits.shape)
+    out = torch.bmm(logits.softmax(-1), v)
+    return out.reshape(b, h // k, w // k, self.heads, k, k, d).permute(0, 3, 6, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
+    import torch
+
+    from pixgene.nn import _decoder
+    from pixgene.tl import _train
+    from train_step import training_batches, training_inputs
+
+    module, cache, kwargs = training_inputs(section, n_genes, seed)
+    batches = training_batches(module, cache, kwargs["batch_size"], steps + 1, seed)
+    ways = {WAYS[0]: windows_before, WAYS[1]: _decoder.WindowAttention._windows}
+    modules, plans, optimisers = {}, {}, {}
+    for name in WAYS:
+        modules[name] = copy.deepcopy(module)
+        plans[name] = _train.PixNetTrainingPlan(modules[name], cache, n_slides=kwargs["n_slides"],
+                                                loss=kwargs["loss"], lr=kwargs["lr"],
+                                                weight_decay=kwargs["weight_decay"])
+        plans[name].train()
+        optimisers[name] = torch.optim.AdamW([p for p in plans[name].parameters() if p.requires_grad],
+                                             lr=kwargs["lr"], weight_decay=kwargs["weight_decay"])
+
+    def train_step(name: str, batch: dict) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        loss, _ = plans[name]._loss(batch, train=True)
+        optimisers[name].zero_grad()
+        loss.backward()
+        optimisers[name].step()
+        return time.perf_counter() - t0, float(loss.detach())
+
+    def decode(name: str, batch: dict) -> tuple[float, torch.Tensor]:
+        features = _train.batch_features(batch, cache)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = modules[name].decode(features)
+        return time.perf_counter() - t0, out
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)  # as training runs
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    times = {(stage, name): [] for stage in ("training step", "decode") for name in WAYS}
+    losses: dict[str, list[float]] = {name: [] for name in WAYS}
+    maps_equal = True
+    library = _decoder.WindowAttention._windows
+    try:
+        for i, batch in enumerate(batches):
+            outs = {}
+            for name in WAYS:  # alternate
+                _decoder.WindowAttention._windows = ways[name]
+                t, loss = train_step(name, batch)
+                losses[name].append(loss)
+                td, outs[name] = decode(name, batch)
+                if i:  # the first is a warm-up, not timed
+                    times[("training step", name)].append(t)
+                    times[("decode", name)].append(td)
+            maps_equal &= bool(torch.equal(*outs.values()))
+    finally:
+        _decoder.WindowAttention._windows = library
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.use_deterministic_algorithms(deterministic)
+
+    rows = []
+    for stage in ("training step", "decode"):
+        before = statistics.median(times[(stage, WAYS[0])])
+        for name in WAYS:
+            median = statistics.median(times[(stage, name)])
+            rows.append({"stage": stage, "windows cut from": name, "median_s": round(median, 4),
+                         "min_s": round(min(times[(stage, name)]), 4), "speed-up": round(before / median, 2)})
+            log.info("%s, %s: median %.4f s", stage, name, median)
+    return {
+        "section": section, "steps": steps, "n_tiles": cache.n_tiles, "tile_px": cache.tile,
+        "output_px": cache.tile // cache.out_stride, "batch_size": kwargs["batch_size"],
+        "precision": module.precision, "rows": rows,
+        "losses_equal": losses[WAYS[0]] == losses[WAYS[1]], "maps_equal": maps_equal,
+        "first_loss": round(losses[WAYS[1]][0], 7), "last_loss": round(losses[WAYS[1]][-1], 7),
+    }
+
+
+def render(result: dict) -> str:
+    setting = (f"`{result['command']}` on {result['started']}: {result['machine']}. her2st {result['section']}'s "
+               f"training cache as `pg.tl.fit` builds it ({result['n_tiles']} tiles of {result['tile_px']} px, "
+               f"{result['output_px']}x{result['output_px']} output px, batch of {result['batch_size']}, "
+               f"{result['precision']}). The same weights and batches, {result['steps']} steps of each way, "
+               "alternating; medians.")
+    lines = ["# Attention windows cut through (b, 3c, h, w) against through the channels-last view", "", setting,
+             "", "| stage | windows cut from | median s | min s | speed-up |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['stage']} | {r['windows cut from']} | {r['median_s']} | {r['min_s']} | "
+                     f"{r['speed-up']}x |")
+    same = "the same to the bit" if result["losses_equal"] else "NOT the same"
+    maps = "the same to the bit" if result["maps_equal"] else "NOT the same"
+    lines += ["", f"Losses of the two ways at every step: {same} (first {result['first_loss']}, last "
+              f"{result['last_loss']}); decoded maps: {maps}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--section", default="C3")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--genes", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    import _report
+
+    _report.main("attention_windows", parser, lambda a: run(a.section, a.steps, a.genes, a.seed), render)
+
+
+if __name__ == "__main__":
+    main()
