@@ -154,7 +154,9 @@ class PixNetModule(nn.Module):
         which is what training needs where the spots cover part of each tile."""
 
         def at_pixels(head, x):
-            return head.forward_pixels(x.flatten(2)[batch_index, :, pixel])
+            # gathered from the (b, h * w, c) view, contiguous for a channels-last map (training's layout): the
+            # gradient then comes back channels-last, with no copy into that layout in the decoder's backward
+            return head.forward_pixels(x.permute(0, 2, 3, 1).flatten(1, 2)[batch_index, pixel])
 
         return self._members_mean(features, at_pixels)
 

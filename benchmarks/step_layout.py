@@ -1,17 +1,26 @@
-"""How the fusion blocks' attention cuts its windows, side by side: through the (b, 3c, h, w) tensor (before
-2026-12-02 16:30) against through its (b, h, w, 3c) view, which is contiguous in the channels-last layout
-training and prediction run in (``WindowAttention._windows`` now).
+"""Copies a decoder training step makes between memory layouts, side by side, before and now.
 
-Both are the same function (a different order of copies, the same arithmetic): the script checks that the two
-give the same loss, to the bit, at every step. On her2st C3's training cache as ``pg.tl.fit`` builds it
-(``train_step.py``'s inputs: its defaults, one member), from the same weights on the same batches, alternating
-step by step so that a noisy machine hits both alike; medians over ``--steps``:
+Training runs the decoder channels-last. Two places used to leave it:
+
+- the fusion blocks' window attention cut its windows from the (b, 3c, h, w) tensor (two copies each way on a
+  channels-last tensor, and its output came back NCHW); it now cuts them from the (b, h, w, 3c) view, which is
+  contiguous (``WindowAttention._windows``; since 2026-12-02 16:08);
+- ``PixNetModule.decode_at`` gathered the covered output pixels from the (b, c, h * w) view, so their gradient
+  came back NCHW and the last level's convolutions and layer norms copied it into channels-last in the
+  backward; it now gathers from the (b, h * w, c) view (since 2026-12-02 16:50).
+
+Three ways, each from the same weights on the same batches, alternating step by step so that a noisy machine hits
+them alike: ``before`` (both as they were), ``windows`` (the windows cut now, the gather of before) and ``now``.
+They are the same function (a different order of copies, the same arithmetic): the script checks that they give
+the same loss, to the bit, at every step. On her2st C3's training cache as ``pg.tl.fit`` builds it
+(``train_step.py``'s inputs: its defaults, one member); medians over ``--steps``:
 
 - training step: forward, backward and AdamW step of ``PixNetTrainingPlan._loss``, as training runs it;
-- decode: the decoder and head on a batch's features in inference mode, as a prediction runs them.
+- decode: the decoder and head on a batch's features in inference mode, as a prediction runs them (the gather
+  is training's alone, so ``windows`` and ``now`` decode alike).
 
-    python benchmarks/attention_windows.py       # prints a table, writes results/attention_windows.json and .md
-    python benchmarks/attention_windows.py --steps 20
+    python benchmarks/step_layout.py            # prints a table, writes results/step_layout.json and .md
+    python benchmarks/step_layout.py --steps 20
 """
 
 from __future__ import annotations
@@ -22,13 +31,12 @@ import logging
 import statistics
 import time
 
-log = logging.getLogger("attention_windows")
-WAYS = ("(b, 3c, h, w)", "(b, h, w, 3c) view")
+log = logging.getLogger("step_layout")
+WAYS = ("before", "windows", "now")
 
 
 def windows_before(self, qkv, valid):
-    """``WindowAttention._windows`` before: windows cut from (b, 3c, h, w), two copies each way on a
-    channels-last tensor; the output in the NCHW layout."""
+    """``WindowAttention._windows`` before: windows cut from (b, 3c, h, w); the output NCHW."""
     import torch
 
     b, c3, h, w = qkv.shape
@@ -47,6 +55,18 @@ def windows_before(self, qkv, valid):
     return out.reshape(b, h // k, w // k, self.heads, k, k, d).permute(0, 3, 6, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
+def decode_at_before(module):
+    """``PixNetModule.decode_at`` before: the pixels gathered from the (b, c, h * w) view."""
+
+    def decode_at(features, batch_index, pixel):
+        def at_pixels(head, x):
+            return head.forward_pixels(x.flatten(2)[batch_index, :, pixel])
+
+        return module._members_mean(features, at_pixels)
+
+    return decode_at
+
+
 def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
     import torch
 
@@ -56,7 +76,8 @@ def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
 
     module, cache, kwargs = training_inputs(section, n_genes, seed)
     batches = training_batches(module, cache, kwargs["batch_size"], steps + 1, seed)
-    ways = {WAYS[0]: windows_before, WAYS[1]: _decoder.WindowAttention._windows}
+    library_windows = _decoder.WindowAttention._windows
+    windows = {"before": windows_before, "windows": library_windows, "now": library_windows}
     modules, plans, optimisers = {}, {}, {}
     for name in WAYS:
         modules[name] = copy.deepcopy(module)
@@ -64,6 +85,8 @@ def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
                                                 loss=kwargs["loss"], lr=kwargs["lr"],
                                                 weight_decay=kwargs["weight_decay"])
         plans[name].train()
+        if name != "now":
+            plans[name]._decode_at = decode_at_before(modules[name])
         optimisers[name] = torch.optim.AdamW([p for p in plans[name].parameters() if p.requires_grad],
                                              lr=kwargs["lr"], weight_decay=kwargs["weight_decay"])
 
@@ -89,38 +112,38 @@ def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
     times = {(stage, name): [] for stage in ("training step", "decode") for name in WAYS}
     losses: dict[str, list[float]] = {name: [] for name in WAYS}
     maps_equal = True
-    library = _decoder.WindowAttention._windows
     try:
         for i, batch in enumerate(batches):
-            outs = {}
+            outs = []
             for name in WAYS:  # alternate
-                _decoder.WindowAttention._windows = ways[name]
+                _decoder.WindowAttention._windows = windows[name]
                 t, loss = train_step(name, batch)
                 losses[name].append(loss)
-                td, outs[name] = decode(name, batch)
+                td, out = decode(name, batch)
+                outs.append(out)
                 if i:  # the first is a warm-up, not timed
                     times[("training step", name)].append(t)
                     times[("decode", name)].append(td)
-            maps_equal &= bool(torch.equal(*outs.values()))
+            maps_equal &= all(torch.equal(outs[0], o) for o in outs[1:])
     finally:
-        _decoder.WindowAttention._windows = library
+        _decoder.WindowAttention._windows = library_windows
         torch.utils.deterministic.fill_uninitialized_memory = fill
         torch.use_deterministic_algorithms(deterministic)
 
     rows = []
     for stage in ("training step", "decode"):
-        before = statistics.median(times[(stage, WAYS[0])])
+        before = statistics.median(times[(stage, "before")])
         for name in WAYS:
             median = statistics.median(times[(stage, name)])
-            rows.append({"stage": stage, "windows cut from": name, "median_s": round(median, 4),
+            rows.append({"stage": stage, "way": name, "median_s": round(median, 4),
                          "min_s": round(min(times[(stage, name)]), 4), "speed-up": round(before / median, 2)})
             log.info("%s, %s: median %.4f s", stage, name, median)
     return {
         "section": section, "steps": steps, "n_tiles": cache.n_tiles, "tile_px": cache.tile,
         "output_px": cache.tile // cache.out_stride, "batch_size": kwargs["batch_size"],
         "precision": module.precision, "rows": rows,
-        "losses_equal": losses[WAYS[0]] == losses[WAYS[1]], "maps_equal": maps_equal,
-        "first_loss": round(losses[WAYS[1]][0], 7), "last_loss": round(losses[WAYS[1]][-1], 7),
+        "losses_equal": all(losses[name] == losses["before"] for name in WAYS), "maps_equal": maps_equal,
+        "first_loss": round(losses["now"][0], 7), "last_loss": round(losses["now"][-1], 7),
     }
 
 
@@ -129,15 +152,16 @@ def render(result: dict) -> str:
                f"training cache as `pg.tl.fit` builds it ({result['n_tiles']} tiles of {result['tile_px']} px, "
                f"{result['output_px']}x{result['output_px']} output px, batch of {result['batch_size']}, "
                f"{result['precision']}). The same weights and batches, {result['steps']} steps of each way, "
-               "alternating; medians.")
-    lines = ["# Attention windows cut through (b, 3c, h, w) against through the channels-last view", "", setting,
-             "", "| stage | windows cut from | median s | min s | speed-up |", "|---|---|---|---|---|"]
+               "alternating; medians. `before`: attention windows cut from (b, 3c, h, w), the covered pixels "
+               "gathered from (b, c, h * w); `windows`: the windows cut from the channels-last (b, h, w, 3c) view; "
+               "`now`: that and the pixels gathered from the (b, h * w, c) view.")
+    lines = ["# Layout copies in a decoder training step, before and now", "", setting, "",
+             "| stage | way | median s | min s | speed-up |", "|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['stage']} | {r['windows cut from']} | {r['median_s']} | {r['min_s']} | "
-                     f"{r['speed-up']}x |")
+        lines.append(f"| {r['stage']} | {r['way']} | {r['median_s']} | {r['min_s']} | {r['speed-up']}x |")
     same = "the same to the bit" if result["losses_equal"] else "NOT the same"
     maps = "the same to the bit" if result["maps_equal"] else "NOT the same"
-    lines += ["", f"Losses of the two ways at every step: {same} (first {result['first_loss']}, last "
+    lines += ["", f"Losses of the three ways at every step: {same} (first {result['first_loss']}, last "
               f"{result['last_loss']}); decoded maps: {maps}."]
     return "\n".join(lines) + "\n"
 
@@ -150,7 +174,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     import _report
 
-    _report.main("attention_windows", parser, lambda a: run(a.section, a.steps, a.genes, a.seed), render)
+    _report.main("step_layout", parser, lambda a: run(a.section, a.steps, a.genes, a.seed), render)
 
 
 if __name__ == "__main__":
