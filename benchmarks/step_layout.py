@@ -25,8 +25,6 @@ the same loss, to the bit, at every step. On her2st C3's training cache as ``pg.
 
 from __future__ import annotations
 
-import argparse
-import copy
 import logging
 import statistics
 import time
@@ -72,7 +70,7 @@ def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
 
     from pixgene.nn import _decoder
     from pixgene.tl import _train
-    from train_step import training_batches, training_inputs
+    from train_step import timed_step, training_batches, training_copy, training_inputs
 
     module, cache, kwargs = training_inputs(section, n_genes, seed)
     batches = training_batches(module, cache, kwargs["batch_size"], steps + 1, seed)
@@ -80,23 +78,12 @@ def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
     windows = {"before": windows_before, "windows": library_windows, "now": library_windows}
     modules, plans, optimisers = {}, {}, {}
     for name in WAYS:
-        modules[name] = copy.deepcopy(module)
-        plans[name] = _train.PixNetTrainingPlan(modules[name], cache, n_slides=kwargs["n_slides"],
-                                                loss=kwargs["loss"], lr=kwargs["lr"],
-                                                weight_decay=kwargs["weight_decay"])
-        plans[name].train()
+        modules[name], plans[name], optimisers[name] = training_copy(module, cache, kwargs)
         if name != "now":
             plans[name]._decode_at = decode_at_before(modules[name])
-        optimisers[name] = torch.optim.AdamW([p for p in plans[name].parameters() if p.requires_grad],
-                                             lr=kwargs["lr"], weight_decay=kwargs["weight_decay"])
 
     def train_step(name: str, batch: dict) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        loss, _ = plans[name]._loss(batch, train=True)
-        optimisers[name].zero_grad()
-        loss.backward()
-        optimisers[name].step()
-        return time.perf_counter() - t0, float(loss.detach())
+        return timed_step(plans[name], optimisers[name], batch)
 
     def decode(name: str, batch: dict) -> tuple[float, torch.Tensor]:
         features = _train.batch_features(batch, cache)
@@ -167,14 +154,9 @@ def render(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", default="C3")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--genes", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    import _report
+    from train_step import cli
 
-    _report.main("step_layout", parser, lambda a: run(a.section, a.steps, a.genes, a.seed), render)
+    cli("step_layout", __doc__, run, render)
 
 
 if __name__ == "__main__":

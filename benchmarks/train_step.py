@@ -82,6 +82,32 @@ def training_batches(module, cache, batch_size: int, n: int, seed: int) -> list[
     return batches
 
 
+def training_copy(module, cache, kwargs: dict) -> tuple:
+    """``(module, plan, optimiser)``: a copy of ``module`` with the training plan and AdamW ``pg.tl.fit``
+    gives it (``kwargs`` as :func:`training_inputs` captured them), in training mode."""
+    import torch
+
+    from pixgene.tl import _train
+
+    module = copy.deepcopy(module)
+    plan = _train.PixNetTrainingPlan(module, cache, n_slides=kwargs["n_slides"], loss=kwargs["loss"],
+                                     lr=kwargs["lr"], weight_decay=kwargs["weight_decay"])
+    plan.train()
+    optimiser = torch.optim.AdamW([p for p in plan.parameters() if p.requires_grad], lr=kwargs["lr"],
+                                  weight_decay=kwargs["weight_decay"])
+    return module, plan, optimiser
+
+
+def timed_step(plan, optimiser, batch: dict) -> tuple[float, float]:
+    """One training step (loss, backward, optimiser step): its seconds and its loss."""
+    t0 = time.perf_counter()
+    loss, _ = plan._loss(batch, train=True)
+    optimiser.zero_grad()
+    loss.backward()
+    optimiser.step()
+    return time.perf_counter() - t0, float(loss.detach())
+
+
 def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
     import torch
 
@@ -94,13 +120,7 @@ def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
 
     modules, plans, optimisers = {}, {}, {}
     for name in ("whole map", "covered pixels"):
-        modules[name] = copy.deepcopy(module)
-        plans[name] = _train.PixNetTrainingPlan(modules[name], cache, n_slides=kwargs["n_slides"],
-                                                loss=kwargs["loss"], lr=kwargs["lr"],
-                                                weight_decay=kwargs["weight_decay"])
-        plans[name].train()
-        optimisers[name] = torch.optim.AdamW([p for p in plans[name].parameters() if p.requires_grad],
-                                             lr=kwargs["lr"], weight_decay=kwargs["weight_decay"])
+        modules[name], plans[name], optimisers[name] = training_copy(module, cache, kwargs)
     _state: dict = {}
 
     def decode_whole(features, batch_index, pixel):
@@ -121,12 +141,7 @@ def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
         _train.integrate_pixels = integrate_whole if before else integrate_pixels
         torch.utils.deterministic.fill_uninitialized_memory = before
         _state["dihedrals"] = batch["dihedrals"]
-        t0 = time.perf_counter()
-        loss, _ = plans[name]._loss(batch, train=True)
-        optimisers[name].zero_grad()
-        loss.backward()
-        optimisers[name].step()
-        return time.perf_counter() - t0, float(loss.detach())
+        return timed_step(plans[name], optimisers[name], batch)
 
     deterministic = torch.are_deterministic_algorithms_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory
@@ -182,15 +197,21 @@ def render(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cli(name: str, doc: str, run, render) -> None:
+    """The command line of a script timing training steps on a her2st section's cache: ``--section``,
+    ``--steps``, ``--genes``, ``--seed``; writes ``results/<name>.json`` and ``.md``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--section", default="C3")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--genes", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     import _report
 
-    _report.main("train_step", parser, lambda a: run(a.section, a.steps, a.genes, a.seed), render)
+    _report.main(name, parser, lambda a: run(a.section, a.steps, a.genes, a.seed), render)
+
+
+def main() -> None:
+    cli("train_step", __doc__, run, render)
 
 
 if __name__ == "__main__":
