@@ -163,7 +163,7 @@ def load_section(dataset: str, section: str):
 def spots_of(section: str, sdata, genes: list[str], enc_um: float) -> Spots:
     import scipy.sparse as sp
 
-    from pixgene._normalize import log_normalize_np
+    from pixgene._core.normalize import log_normalize_np
     from pixgene.data._reader import SlideReader
     from pixgene.tl._inputs import prepare_spot_slide
 
@@ -395,7 +395,7 @@ def fit_pixgene(train_sdatas: list, test: Spots, *, genes: list[str], seed: int,
     """``pg.tl.fit`` -> ``predict_dense`` -> ``aggregate`` over the test spots; log-normalised like the targets.
     With ``model`` given, the fit is skipped and that model predicts. Returns the prediction, a summary of the
     training and the model."""
-    from pixgene._normalize import log_normalize_np
+    from pixgene._core.normalize import log_normalize_np
 
     t0 = time.perf_counter()
     if model is None:
@@ -482,7 +482,7 @@ def rounded(summary: dict) -> dict:
 
 
 def run_fold(dataset: str, sections: tuple[str, ...], test_section: str, methods: list[str], seed: int) -> dict:
-    from pixgene._units import resolve_um_per_px
+    from pixgene._core.units import resolve_um_per_px
     from pixgene.nn._encoders import build_encoder
     from pixgene.tl._fit import working_um_per_px
 

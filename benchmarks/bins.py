@@ -170,7 +170,7 @@ def her2st_part(seed: int, n_members: int, train: list[str], test: str) -> dict:
         order = table.obs["instance_id"].astype(str).to_numpy()
         m = measured[measured.obs["instance_id"].astype(str).to_numpy().argsort()]
         m = m[np.searchsorted(m.obs["instance_id"].astype(str).to_numpy(), order)]
-        from pixgene._normalize import log_normalize_np
+        from pixgene._core.normalize import log_normalize_np
 
         y = np.asarray(m[:, genes].X.toarray(), dtype=np.float64)
         y = log_normalize_np(y, np.asarray(m.X.sum(1)).ravel())

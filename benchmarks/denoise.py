@@ -39,7 +39,7 @@ log = logging.getLogger("denoise")
 
 
 def log_norm(x: np.ndarray, total: np.ndarray) -> np.ndarray:
-    from pixgene._normalize import log_normalize_np
+    from pixgene._core.normalize import log_normalize_np
 
     return log_normalize_np(np.asarray(x, dtype=np.float64), np.asarray(total, dtype=np.float64))
 

@@ -51,7 +51,7 @@ log = logging.getLogger("feature_bound")
 
 
 def image_array(sdata, key: str, channels=None) -> np.ndarray:
-    from pixgene._raster import full_resolution
+    from pixgene._core.raster import full_resolution
 
     el = full_resolution(sdata.images[key])
     if channels is not None:

@@ -53,7 +53,7 @@ def run_pair(pair: str, seed: int) -> dict:
     from accuracy import _align, load_section
 
     import pixgene as pg
-    from pixgene._normalize import log_normalize_np
+    from pixgene._core.normalize import log_normalize_np
 
     dataset, train, test = pair.split(":")
     train_sdatas = [load_section(dataset, s) for s in train.split("+")]

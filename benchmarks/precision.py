@@ -44,7 +44,7 @@ def _module(precision: str, members: int = 1):
 def _he_tiles(n: int, px: int, seed: int = 0) -> np.ndarray:
     """``n`` tiles of ``px`` from the synthetic demo slide's H&E (RGB in [0, 1], 1 um/px)."""
     import pixgene as pg
-    from pixgene._raster import full_resolution, to_float01
+    from pixgene._core.raster import full_resolution, to_float01
 
     sdata = pg.datasets.synthetic(seed=seed, size_um=float(max(1024, px + 64)))
     image = to_float01(np.asarray(full_resolution(sdata.images["he"]).values))

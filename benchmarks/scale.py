@@ -260,7 +260,7 @@ def build_slide(path: Path, side: int, texture: np.ndarray) -> dict:
     import spatialdata as sd
     from spatialdata.models import Image2DModel
 
-    from pixgene._units import record_um_per_px
+    from pixgene._core.units import record_um_per_px
 
     factors = [2] * int(np.log2(32))  # 0.5 um -> 16 um
     tree = Image2DModel.parse(slide_level(side, 1, texture), dims=("c", "y", "x"), c_coords=["r", "g", "b"],
@@ -352,7 +352,7 @@ def chunks_section(workdir: Path, side: int, model_dir: Path, *, um_per_px: floa
     of the map's maximum; float16 storage rounds to about 1e-3 of a value)."""
     import spatialdata as sd
 
-    from pixgene._raster import full_resolution
+    from pixgene._core.raster import full_resolution
 
     store = workdir / f"slide_{side}.zarr"
     if not store.exists():
@@ -441,7 +441,7 @@ def versus_spatialdata(*, side: int = 4000, n_shapes: int = 5000, n_genes: int =
     from spatialdata.models import Image2DModel, Labels2DModel, ShapesModel
 
     import pixgene as pg
-    from pixgene._units import record_um_per_px
+    from pixgene._core.units import record_um_per_px
 
     values = smooth_map(n_genes, (side, side))
     genes = [f"G{i:02d}" for i in range(n_genes)]
@@ -537,7 +537,7 @@ def millions_section(workdir: Path, slide_store: Path, *, side: int, n_cells: in
     from spatialdata.transformations import Scale
 
     import pixgene as pg
-    from pixgene._units import record_um_per_px
+    from pixgene._core.units import record_um_per_px
 
     f = map_um / SLIDE_UM  # slide px per map px
     n = int(np.ceil(side / f))

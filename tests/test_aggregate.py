@@ -9,8 +9,8 @@ import pytest
 import shapely
 from shapely.geometry import MultiPolygon, Point, Polygon, box
 
-from pixgene._keys import AREA_OBS, COVERAGE_OBS, INSTANCE_KEY, REGION_KEY, TOTAL_CHANNEL, TOTAL_OBS, UNS_KEY
-from pixgene._validate import PixgeneInputError
+from pixgene._core.keys import AREA_OBS, COVERAGE_OBS, INSTANCE_KEY, REGION_KEY, TOTAL_CHANNEL, TOTAL_OBS, UNS_KEY
+from pixgene._core.validate import PixgeneInputError
 from pixgene.data._operator import integrate_labels, integrate_map
 from pixgene.tl._aggregate import aggregate
 
@@ -163,7 +163,7 @@ def build_sdata(*, second_map: bool = False):
     from spatialdata.models import Image2DModel, Labels2DModel, ShapesModel
     from spatialdata.transformations import Affine, Identity, Scale
 
-    from pixgene._units import record_um_per_px
+    from pixgene._core.units import record_um_per_px
 
     rng = np.random.default_rng(7)
     he = Image2DModel.parse(

@@ -94,7 +94,7 @@ def test_spots_in_image_takes_polygons_and_refuses_mixed_or_degenerate_shapes(sy
     from spatialdata.models import ShapesModel
     from spatialdata.transformations import Scale, Sequence, get_transformation
 
-    from pixgene._validate import PixgeneInputError
+    from pixgene._core.validate import PixgeneInputError
     from pixgene.tl._inputs import spots_in_image
 
     spots = synthetic_small.shapes["spots"]

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pixgene._coords import affine_between
-from pixgene._units import recorded_um_per_px
-from pixgene._validate import PixgeneInputError
+from pixgene._core.coords import affine_between
+from pixgene._core.units import recorded_um_per_px
+from pixgene._core.validate import PixgeneInputError
 from pixgene.datasets import _paths, _real
 
 

@@ -7,7 +7,7 @@ import pytest
 
 import pixgene as pg
 from conftest import FIT_GENES
-from pixgene._validate import PixgeneInputError
+from pixgene._core.validate import PixgeneInputError
 from pixgene.tl._denoise import gamma_poisson_posterior, spatial_folds, spot_pitch_um
 
 #: tiny fits: plumbing, not accuracy

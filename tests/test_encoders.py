@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import pixgene.nn._encoders as enc
-from pixgene._validate import PixgeneInputError
+from pixgene._core.validate import PixgeneInputError
 from pixgene.nn._encoders import build_encoder, encoder_flops_per_pixel, list_encoders
 from pixgene.nn._vit_pyramid import pad_to_patch, resample_grid, vit_block_indices
 

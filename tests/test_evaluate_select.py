@@ -10,7 +10,7 @@ import pytest
 import scipy.stats
 
 import pixgene as pg
-from pixgene._validate import PixgeneInputError
+from pixgene._core.validate import PixgeneInputError
 from pixgene.tl._evaluate import score_matrices
 
 

@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import pixgene as pg  # noqa: E402
-from pixgene._raster import full_resolution  # noqa: E402
+from pixgene._core.raster import full_resolution  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,

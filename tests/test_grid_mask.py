@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import shapely
 
-from pixgene._keys import UNS_KEY
-from pixgene._validate import PixgeneInputError
+from pixgene._core.keys import UNS_KEY
+from pixgene._core.validate import PixgeneInputError
 from pixgene.data._geometry import polygon_weights
 from pixgene.data._mask import block_mean, mask_fraction_in_region, tissue_mask
 from pixgene.tl._aggregate import aggregate
@@ -51,8 +51,8 @@ def build_sdata(*, scale_factors=None, with_map: bool = False):
     from spatialdata.models import Image2DModel, ShapesModel
     from spatialdata.transformations import Affine, Identity, Scale
 
-    from pixgene._coords import transformations_of
-    from pixgene._units import record_um_per_px
+    from pixgene._core.coords import transformations_of
+    from pixgene._core.units import record_um_per_px
 
     he = Image2DModel.parse(
         synthetic_he().transpose(2, 0, 1),
@@ -183,7 +183,7 @@ def test_square_bins_tile_the_image_exactly():
 
 def test_two_by_two_small_bins_are_one_large_bin():
     sdata = build_sdata()
-    from pixgene._units import record_um_per_px
+    from pixgene._core.units import record_um_per_px
 
     record_um_per_px(sdata, "he", 0.37)  # bin sizes in pixels become irrational-looking
     small = make_grid(sdata, bin_um=4.0, within=None)

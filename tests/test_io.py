@@ -17,9 +17,9 @@ from PIL import Image
 from spatialdata.transformations import get_transformation_between_coordinate_systems
 
 import pixgene as pg
-from pixgene._coords import affine_between
-from pixgene._units import recorded_um_per_px
-from pixgene._validate import PixgeneInputError
+from pixgene._core.coords import affine_between, apply_affine
+from pixgene._core.units import recorded_um_per_px
+from pixgene._core.validate import PixgeneInputError
 
 # -----------------------------------------------------------------------------------------------------------
 # helpers: small files in the formats the readers accept, written from arrays the tests keep
@@ -502,7 +502,7 @@ def test_read_st_her2st(her2st_c2):
     centres = _xy(shapes)
     height, width = pg.io._st.image_size(Path(image))
     np.testing.assert_allclose(
-        pg._coords.apply_affine(affine_between(sdata, "spots", "he"), centres),
+        apply_affine(affine_between(sdata, "spots", "he"), centres),
         spots.loc[list(shapes.index), ["pixel_x", "pixel_y"]].to_numpy(),
     )
     assert (centres >= 0).all() and (centres[:, 0] <= width).all() and (centres[:, 1] <= height).all()
@@ -559,7 +559,7 @@ def test_read_visium_scmuscle(sample, library):
     to_fullres = get_transformation_between_coordinate_systems(sdata, sdata.shapes["spots"], library)
     m = to_fullres.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
     np.testing.assert_allclose(
-        pg._coords.apply_affine(m, centres), positions.loc[list(shapes.index), [5, 4]].to_numpy(), rtol=1e-9
+        apply_affine(m, centres), positions.loc[list(shapes.index), [5, 4]].to_numpy(), rtol=1e-9
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pixgene._validate import PixgeneInputError  # noqa: E402
+from pixgene._core.validate import PixgeneInputError  # noqa: E402
 
 
 def test_import_pixgene_does_not_import_torch():
@@ -374,7 +374,7 @@ def test_inverse_std_floors_nearly_constant_channels_relative_to_the_level():
 
 
 def test_slide_feature_stats_are_the_moments_of_tiles_centred_on_tissue(fitted_session):
-    from pixgene._units import resolve_um_per_px
+    from pixgene._core.units import resolve_um_per_px
     from pixgene.data._mask import tissue_mask
     from pixgene.data._reader import SlideReader
     from pixgene.data._training import slide_feature_stats, stats_tile_corners

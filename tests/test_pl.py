@@ -20,9 +20,9 @@ from spatialdata.models import Image2DModel, ShapesModel, TableModel  # noqa: E4
 from spatialdata.transformations import Affine, Identity, Scale, Sequence, Translation  # noqa: E402
 
 import pixgene as pg  # noqa: E402
-from pixgene._keys import TOTAL_CHANNEL, TOTAL_OBS  # noqa: E402
-from pixgene._units import record_um_per_px  # noqa: E402
-from pixgene._validate import PixgeneInputError  # noqa: E402
+from pixgene._core.keys import TOTAL_CHANNEL, TOTAL_OBS  # noqa: E402
+from pixgene._core.units import record_um_per_px  # noqa: E402
+from pixgene._core.validate import PixgeneInputError  # noqa: E402
 from pixgene.io._build import build_spot_sdata  # noqa: E402
 
 H, W = 120, 200

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import pixgene as pg
-from pixgene._raster import full_resolution, to_float01
-from pixgene._validate import PixgeneInputError
+from pixgene._core.raster import full_resolution, to_float01
+from pixgene._core.validate import PixgeneInputError
 
 #: a cheap configuration for the tests that compare two runs of the same settings (not tiling exactness)
 FAST = {"chunk_px": 40, "halo_px": 64, "progress": False}
@@ -341,7 +341,7 @@ def test_list_of_models_predicts_the_mean_of_their_maps(model, synthetic_small, 
 
 
 def test_list_of_models_is_checked_before_any_work(model, synthetic_small):
-    from pixgene._validate import PixgeneInputError
+    from pixgene._core.validate import PixgeneInputError
 
     other_genes = _model(genes=("A", "B", "D"))
     with CountingCalls(model) as counter:
@@ -402,7 +402,7 @@ def test_cli_predict_on_an_image_file(model, synthetic_small, tmp_path, capsys):
     from spatialdata.models import Image2DModel
 
     same = sd.SpatialData(images={"he": Image2DModel.parse(rgb, dims=("c", "y", "x"))})
-    from pixgene._units import record_um_per_px
+    from pixgene._core.units import record_um_per_px
 
     record_um_per_px(same, "he", 1.0)
     expected = _values(pg.tl.predict_dense(same, pg.tl.PixNet.load(model_dir), progress=False))

@@ -10,10 +10,10 @@ import shapely
 from scipy import ndimage, stats
 from scipy.spatial import cKDTree
 
-from pixgene._coords import affine_between
-from pixgene._keys import TOTAL_CHANNEL
-from pixgene._units import recorded_um_per_px
-from pixgene._validate import PixgeneInputError
+from pixgene._core.coords import affine_between
+from pixgene._core.keys import TOTAL_CHANNEL
+from pixgene._core.units import recorded_um_per_px
+from pixgene._core.validate import PixgeneInputError
 from pixgene.data._geometry import circle_weights
 from pixgene.datasets._synthetic import CELL_TYPES, synthetic
 

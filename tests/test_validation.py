@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 import pixgene as pg
-from pixgene._validate import PixgeneInputError
+from pixgene._core.validate import PixgeneInputError
 
 GENES = ["GENE00", "GENE01"]
 
@@ -85,7 +85,7 @@ def test_um_per_px_neither_given_nor_derivable(synthetic_small):
 
 
 def test_um_per_px_derived_from_spot_diameter(synthetic_small):
-    from pixgene._units import resolve_um_per_px
+    from pixgene._core.units import resolve_um_per_px
 
     synthetic_small.attrs["pixgene"]["um_per_px"].pop("he")
     assert resolve_um_per_px(synthetic_small, "he", shapes_key="spots", table_key="table") == pytest.approx(1.0)

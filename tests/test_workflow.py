@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import pixgene as pg
-from pixgene._coords import affine_between
-from pixgene._raster import full_resolution
+from pixgene._core.coords import affine_between
+from pixgene._core.raster import full_resolution
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_predict_dense_standardises_with_the_predicted_slides_own_statistics(fit
     """A darker copy of the slide: predict_dense takes its statistics from it, not from the training slide."""
     from spatialdata import deepcopy
 
-    from pixgene._units import resolve_um_per_px
+    from pixgene._core.units import resolve_um_per_px
     from pixgene.data._reader import SlideReader
     from pixgene.data._training import slide_feature_stats
 

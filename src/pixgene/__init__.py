@@ -10,7 +10,7 @@ import importlib
 import logging
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ._core.version import __version__
 __all__ = ["datasets", "io", "pl", "pp", "tl", "__version__"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

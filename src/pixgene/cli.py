@@ -100,7 +100,7 @@ def _figure(sdata, genes):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from ._raster import full_resolution
+    from ._core.raster import full_resolution
 
     he = full_resolution(sdata.images["he"]).values.transpose(1, 2, 0)
     maps = {
@@ -138,7 +138,7 @@ def _predict(args: argparse.Namespace) -> int:
         from PIL import Image
 
         from .io._build import parse_rgb_image
-        from ._units import record_um_per_px
+        from ._core.units import record_um_per_px
 
         if args.image_um_per_px is None:
             print("--image-um-per-px is required for an image file", file=sys.stderr)

@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from .._keys import IMAGE_KEY
-from .._raster import level_for_downsample, rgb_array
-from .._units import resolve_um_per_px
-from .._validate import check_positive, require_element
+from .._core.keys import IMAGE_KEY
+from .._core.raster import level_for_downsample, rgb_array
+from .._core.units import resolve_um_per_px
+from .._core.validate import check_positive, require_element
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
-from .._validate import check_positive, fail
+from .._core.validate import check_positive, fail
 from ._geometry import PolygonEdges, circle_weights, concat_ranges, edge_weights, polygon_edges
 
 logger = logging.getLogger(__name__)
@@ -326,7 +326,7 @@ def label_boundary_edges(block: np.ndarray, *, horizontal: bool = True, vertical
 
 def _label_block_edges(block: np.ndarray, ids: np.ndarray, affine: np.ndarray, offset) -> PolygonEdges:
     """Boundary edges of each label ``ids[k]`` within ``block``, mapped into map pixels, grouped by label."""
-    from .._coords import apply_affine
+    from .._core.coords import apply_affine
 
     # an edge contributes only through its extent in map x: skip the family that maps to vertical lines
     label, x0, y0, x1, y1 = label_boundary_edges(
@@ -448,7 +448,7 @@ def _integrate_label_block(read_window, C, block, affine, offset, map_hw):
     covered = np.zeros(len(ids))
     if len(ids):
         h, w = block.shape
-        from .._coords import apply_affine
+        from .._core.coords import apply_affine
 
         corners = np.array([[0, 0], [w, 0], [0, h], [w, h]], float) + np.asarray(offset, float)
         corners = apply_affine(affine, corners)

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .._raster import level_for_downsample, rgb_array, scale_levels, to_float01
+from .._core.raster import level_for_downsample, rgb_array, scale_levels, to_float01
 
 #: value of pixels outside the slide: white glass, like an H&E background
 BACKGROUND = 1.0

@@ -402,7 +402,7 @@ def slide_feature_stats(
     """
     import torch
 
-    from .._validate import fail
+    from .._core.validate import fail
     from ._mask import tissue_mask
 
     mask, mask_factor = mask if mask is not None else tissue_mask(sdata, image_key, image_um_per_px=image_um)

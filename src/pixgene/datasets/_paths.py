@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .._validate import fail
+from .._core.validate import fail
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .._keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY
-from .._validate import fail
+from .._core.keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY
+from .._core.validate import fail
 from ._paths import dataset_dir, verify_files
 
 __all__ = [

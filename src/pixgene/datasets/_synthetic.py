@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .._keys import (
+from .._core.keys import (
     BINS_KEY,
     BINS_TABLE_KEY,
     CELLS_KEY,
@@ -37,8 +37,8 @@ from .._keys import (
     TRUTH_KEY,
     UNS_KEY,
 )
-from .._units import record_um_per_px, validate_um_per_px
-from .._validate import check_positive, fail
+from .._core.units import record_um_per_px, validate_um_per_px
+from .._core.validate import check_positive, fail
 
 logger = logging.getLogger(__name__)
 
@@ -392,7 +392,7 @@ def _at(field: np.ndarray, xy_um: np.ndarray) -> np.ndarray:
 def _interp_matrix(n_out: int, out_um: float, n_in: int, in_um: float):
     import scipy.sparse as sp
 
-    from .._raster import linear_weights
+    from .._core.raster import linear_weights
 
     lo, hi, w = linear_weights(n_out, n_in, out_um / in_um)
     rows = np.concatenate([np.arange(n_out)] * 2)
@@ -1295,7 +1295,7 @@ def _assemble(
     from spatialdata.models import Image2DModel, ShapesModel
     from spatialdata.transformations import Scale, Sequence
 
-    from .._coords import transformations_of
+    from .._core.coords import transformations_of
     from ..data._geometry import circle_weights
     from ..io._build import build_spot_sdata
 
@@ -1371,7 +1371,7 @@ def _add_bins(sdata, rng, *, truth, layout, gene_names, bins_um, um_per_px, trut
     import shapely
     from spatialdata.models import ShapesModel, TableModel
 
-    from .._coords import transformations_of
+    from .._core.coords import transformations_of
     from ..data._geometry import polygon_weights
 
     n = int(np.floor(layout["size_um"] / bins_um + 1e-9))

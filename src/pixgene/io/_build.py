@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._keys import IMAGE_KEY, INSTANCE_KEY, REGION_KEY, SPOTS_KEY, TABLE_KEY, UNS_KEY
-from .._units import record_um_per_px, validate_um_per_px
-from .._validate import check_raw_counts, fail
+from .._core.keys import IMAGE_KEY, INSTANCE_KEY, REGION_KEY, SPOTS_KEY, TABLE_KEY, UNS_KEY
+from .._core.units import record_um_per_px, validate_um_per_px
+from .._core.validate import check_raw_counts, fail
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def build_spot_sdata(
 
     img = parse_rgb_image(image, name=image_key, transformations=image_transformations)
     radius_px = spot_diameter_um / um_per_px / 2.0
-    from .._coords import transformations_of
+    from .._core.coords import transformations_of
 
     shapes = ShapesModel.parse(
         centers_px,

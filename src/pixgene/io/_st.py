@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, UNS_KEY
-from .._units import derive_um_per_px, validate_um_per_px
-from .._validate import check_positive, fail
+from .._core.keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, UNS_KEY
+from .._core.units import derive_um_per_px, validate_um_per_px
+from .._core.validate import check_positive, fail
 from ._build import build_spot_sdata
 
 logger = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .._keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, UNS_KEY
-from .._units import validate_um_per_px
-from .._validate import check_positive, fail
+from .._core.keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, UNS_KEY
+from .._core.units import validate_um_per_px
+from .._core.validate import check_positive, fail
 from ._build import build_spot_sdata
 from ._st import check_spots_in_image
 
@@ -230,8 +230,8 @@ def _read_with_spatialdata_io(
     import spatialdata_io
     from spatialdata.transformations import Identity
 
-    from .._coords import transformations_of
-    from .._raster import full_resolution
+    from .._core.coords import transformations_of
+    from .._core.raster import full_resolution
 
     with tempfile.TemporaryDirectory(prefix="pixgene_visium_") as tmp:
         stage = Path(tmp)

@@ -1,6 +1,6 @@
 """Neural network parts: encoder registry, decoders, the PixNet module and its losses (imports torch)."""
 
-from .._torch_compat import ensure_torchvision
+from .._core.torch_compat import ensure_torchvision
 
 ensure_torchvision()
 

@@ -35,10 +35,10 @@ def upsample_bilinear_by_matmul(x: torch.Tensor, size: tuple[int, int]) -> torch
 
 def interpolation_matrix(n_out: int, n_in: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
     """(n_out, n_in) weights of 1-D linear interpolation with PyTorch's align_corners=False convention
-    (:func:`pixgene._raster.linear_weights` at ``n_in / n_out`` input pixels per output pixel)."""
+    (:func:`pixgene._core.raster.linear_weights` at ``n_in / n_out`` input pixels per output pixel)."""
     import numpy as np
 
-    from .._raster import linear_weights
+    from .._core.raster import linear_weights
 
     lo, hi, w = linear_weights(n_out, n_in, n_in / n_out)
     out = np.zeros((n_out, n_in))

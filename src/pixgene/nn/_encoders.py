@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .._validate import PixgeneInputError, fail
+from .._core.validate import PixgeneInputError, fail
 from ._vit_pyramid import (
     VIT_REDUCTIONS,
     pad_to_patch,
@@ -55,7 +55,7 @@ _RESERVED = (
 
 
 def _timm():
-    from .._torch_compat import ensure_torchvision
+    from .._core.torch_compat import ensure_torchvision
 
     ensure_torchvision()
     import timm

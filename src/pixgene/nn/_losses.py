@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._normalize import NORMALIZE_TARGET
+from .._core.normalize import NORMALIZE_TARGET
 
 
 def log_normalize(counts: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:

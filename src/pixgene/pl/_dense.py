@@ -9,12 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from .._coords import affine_between
-from .._keys import IMAGE_KEY, UNS_KEY
-from .._keys import dense_key as default_dense_key
-from .._raster import full_resolution
-from .._units import recorded_um_per_px
-from .._validate import check_genes, fail, require_element
+from .._core.coords import affine_between
+from .._core.keys import IMAGE_KEY, UNS_KEY
+from .._core.keys import dense_key as default_dense_key
+from .._core.raster import full_resolution
+from .._core.units import recorded_um_per_px
+from .._core.validate import check_genes, fail, require_element
 from ._utils import bounds_in, draw_raster_on, finish, image_frame, panel_size, parse_vmax, raster_window
 
 logger = logging.getLogger(__name__)

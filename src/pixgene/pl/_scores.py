@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._validate import fail
+from .._core.validate import fail
 from ._utils import finish, new_axes
 
 logger = logging.getLogger(__name__)

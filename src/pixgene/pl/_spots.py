@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, TOTAL_OBS, UNS_KEY, readout_key
-from .._units import recorded_um_per_px
-from .._validate import check_genes, fail, require_element
+from .._core.keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, TOTAL_OBS, UNS_KEY, readout_key
+from .._core.units import recorded_um_per_px
+from .._core.validate import check_genes, fail, require_element
 from ._utils import (
     by_shape,
     color_limits,

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._coords import affine_between, apply_affine, isotropic_scale
-from .._normalize import row_scale
-from .._raster import level_for_downsample, rgb_array, scale_levels
-from .._validate import fail, require_element
+from .._core.coords import affine_between, apply_affine, isotropic_scale
+from .._core.normalize import row_scale
+from .._core.raster import level_for_downsample, rgb_array, scale_levels
+from .._core.validate import fail, require_element
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .._keys import TOTAL_OBS
-from .._normalize import NORMALIZE_TARGET, log_normalize_np, row_scale
-from .._validate import fail
+from .._core.keys import TOTAL_OBS
+from .._core.normalize import NORMALIZE_TARGET, log_normalize_np, row_scale
+from .._core.validate import fail
 
 logger = logging.getLogger(__name__)
 

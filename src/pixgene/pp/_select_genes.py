@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._keys import TABLE_KEY, UNS_KEY
-from .._validate import check_raw_counts, fail, require_element
+from .._core.keys import TABLE_KEY, UNS_KEY
+from .._core.validate import check_raw_counts, fail, require_element
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .._keys import (
+from .._core.keys import (
     AREA_OBS,
     CELLS_KEY,
     COVERAGE_OBS,
@@ -21,7 +21,7 @@ from .._keys import (
     dense_key as default_dense_key,
     readout_key,
 )
-from .._validate import check_not_exists, fail, require_element
+from .._core.validate import check_not_exists, fail, require_element
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def aggregate(
     image_key
         H&E image the map was predicted from (only used to derive ``dense_key``).
     key_added
-        Name of the new table; default :func:`pixgene._keys.readout_key` (``f"{shapes}_pixgene"``).
+        Name of the new table; default :func:`pixgene._core.keys.readout_key` (``f"{shapes}_pixgene"``).
     overwrite
         Replace an existing element or table named ``key_added``.
     block_px
@@ -91,8 +91,8 @@ def aggregate(
     Shapes entirely off the map get zero counts and coverage 0; drop them before normalising
     (``adata[adata.obs["pixgene_coverage"] > 0]``), as scanpy warns about cells with zero counts.
     """
-    from .._coords import affine_between
-    from .._raster import full_resolution
+    from .._core.coords import affine_between
+    from .._core.raster import full_resolution
 
     is_labels = shapes in sdata.labels
     if not is_labels and shapes not in sdata.shapes:
@@ -185,8 +185,8 @@ def _resolve_dense_key(sdata: Any, dense_key: str | None, image_key: str | None)
 
 def _map_um_per_px(sdata: Any, dense_key: str, image_key: str | None) -> float:
     """Microns per map pixel: recorded for the map, else the H&E's, carried through the transformation."""
-    from .._coords import affine_between, isotropic_scale
-    from .._units import recorded_um_per_px, validate_um_per_px
+    from .._core.coords import affine_between, isotropic_scale
+    from .._core.units import recorded_um_per_px, validate_um_per_px
 
     recorded = recorded_um_per_px(sdata, dense_key)
     if recorded is not None:
@@ -199,7 +199,7 @@ def _map_um_per_px(sdata: Any, dense_key: str, image_key: str | None) -> float:
             f"image {dense_key!r}",
             "its microns per pixel are not recorded (sdata.attrs['pixgene']['um_per_px'])",
             "Make the map with pg.tl.predict_dense, or record the value with "
-            "pixgene._units.record_um_per_px(sdata, dense_key, um_per_px)",
+            "pixgene._core.units.record_um_per_px(sdata, dense_key, um_per_px)",
         )
     scale = isotropic_scale(affine_between(sdata, dense_key, source), f"image {dense_key!r}")
     return validate_um_per_px(source_um * scale, dense_key)
@@ -209,7 +209,7 @@ def _shapes_in_map_pixels(sdata: Any, shapes_key: str, affine: np.ndarray):
     """Validated shapes carried into map pixels: (geometries, radii or None, centroids in own coordinates)."""
     import shapely
 
-    from .._coords import apply_affine, isotropic_scale
+    from .._core.coords import apply_affine, isotropic_scale
 
     frame = sdata.shapes[shapes_key]
     where = f"shapes {shapes_key!r}"
@@ -237,7 +237,7 @@ def _shapes_in_map_pixels(sdata: Any, shapes_key: str, affine: np.ndarray):
 
 
 def _checked_labels(sdata: Any, labels_key: str) -> Any:
-    from .._raster import full_resolution
+    from .._core.raster import full_resolution
 
     labels = full_resolution(sdata.labels[labels_key])
     if tuple(labels.dims) != ("y", "x"):

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from .._keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, TOTAL_CHANNEL, UNS_KEY
-from .._units import record_um_per_px
-from .._validate import check_genes, check_not_exists
+from .._core.keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, TOTAL_CHANNEL, UNS_KEY
+from .._core.units import record_um_per_px
+from .._core.validate import check_genes, check_not_exists
 from ._inputs import prepare_spot_slide
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def colour_control(
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Scale, Sequence
 
-    from .._coords import transformations_of
+    from .._core.coords import transformations_of
     from ..data._reader import SlideReader
 
     key = key_added or f"{image_key}_colour_control"

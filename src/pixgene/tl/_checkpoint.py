@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .._raster import full_resolution
-from .._validate import fail
+from .._core.raster import full_resolution
+from .._core.validate import fail
 from ._model import _json_default, trained_state
 
 logger = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .._keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, TOTAL_OBS, UNS_KEY
-from .._validate import check_not_exists, check_positive, fail, require_element
+from .._core.keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, TOTAL_OBS, UNS_KEY
+from .._core.validate import check_not_exists, check_positive, fail, require_element
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def denoise(
     import pandas as pd
     from spatialdata.models import TableModel
 
-    from .._keys import INSTANCE_KEY, REGION_KEY
+    from .._core.keys import INSTANCE_KEY, REGION_KEY
     from ._aggregate import aggregate
     from ._fit import _as_list, _resolve_genes, counts_with_library, fit
     from ._inputs import linked_table_rows, prepare_spot_slide

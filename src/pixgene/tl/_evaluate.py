@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._keys import TOTAL_OBS, UNS_KEY
-from .._validate import fail, require_element
-from .._normalize import log_normalize_np
+from .._core.keys import TOTAL_OBS, UNS_KEY
+from .._core.validate import fail, require_element
+from .._core.normalize import log_normalize_np
 
 logger = logging.getLogger(__name__)
 

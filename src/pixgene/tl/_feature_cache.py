@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._validate import fail
+from .._core.validate import fail
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .._keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, UNS_KEY
-from .._validate import check_positive, fail
+from .._core.keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, UNS_KEY
+from .._core.validate import check_positive, fail
 from ..data._geometry import scaled_polygons
 from ._inputs import SpotSlide, prepare_spot_slide
 
@@ -55,7 +55,7 @@ def _resolve_genes(genes: Sequence[str] | None, slides: list[SpotSlide]) -> list
                 "Pass genes=[...] or run pg.pp.select_genes(sdata) first",
             )
         genes = var.index[var[SELECTED_VAR].astype(bool)].tolist()
-    from .._validate import check_genes
+    from .._core.validate import check_genes
 
     for s in slides:
         check_genes(genes, s.table.var_names, f"table {s.table_key!r}")
@@ -66,7 +66,7 @@ def _fingerprint_inputs(module, slides: list[SpotSlide], image_key: str) -> tupl
     """What every saved result of the fit depends on (pixgene's version, the encoder's config and a digest of
     its weights), and each slide's image hashed once (:func:`~pixgene.tl._checkpoint.image_hash`), for the
     fingerprints of ``checkpoint_dir`` and ``feature_cache`` alike."""
-    from .. import __version__
+    from .._core.version import __version__
     from ._checkpoint import image_hash, state_digest
 
     common = {

@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .._keys import IMAGE_KEY, UNS_KEY, grid_key
-from .._validate import check_not_exists, check_positive, fail, require_element
+from .._core.keys import IMAGE_KEY, UNS_KEY, grid_key
+from .._core.validate import check_not_exists, check_positive, fail, require_element
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def make_grid(
         ``None``: keep every bin that touches the image; the name of a shapes element: keep bins whose centre
         lies inside one of its shapes (circles or polygons).
     key_added
-        Name of the new shapes element; default :func:`pixgene._keys.grid_key` (``"bins_8um"``,
+        Name of the new shapes element; default :func:`pixgene._core.keys.grid_key` (``"bins_8um"``,
         ``"hexbins_8um"``).
     overwrite
         Replace an existing element named ``key_added``.
@@ -63,9 +63,9 @@ def make_grid(
     import pandas as pd
     from spatialdata.models import ShapesModel
 
-    from .._coords import transformations_of
-    from .._raster import full_resolution
-    from .._units import resolve_um_per_px
+    from .._core.coords import transformations_of
+    from .._core.raster import full_resolution
+    from .._core.units import resolve_um_per_px
 
     element = require_element(sdata, image_key, "images")
     check_positive(bin_um, "bin_um", "make_grid")
@@ -184,7 +184,7 @@ def _centers_in_shapes(sdata: Any, shapes_key: str, image_key: str, centers: np.
     import shapely
     from scipy.spatial import cKDTree
 
-    from .._coords import affine_between, apply_affine
+    from .._core.coords import affine_between, apply_affine
 
     shapes = sdata.shapes[shapes_key]
     # test containment in the shapes' own frame, which is exact for any affine map (circles stay circles)

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._coords import affine_between, apply_affine, isotropic_scale
-from .._raster import rgb_array
-from .._units import resolve_um_per_px
-from .._validate import check_raw_counts, fail, require_element
+from .._core.coords import affine_between, apply_affine, isotropic_scale
+from .._core.raster import rgb_array
+from .._core.units import resolve_um_per_px
+from .._core.validate import check_raw_counts, fail, require_element
 
 
 @dataclass
@@ -145,7 +145,7 @@ def prepare_spot_slide(
     genes: list[str] | None = None,
 ) -> SpotSlide:
     """Check everything fit/evaluate need, before any work, and return the spots in image pixels."""
-    from .._validate import check_genes
+    from .._core.validate import check_genes
 
     image = require_element(sdata, image_key, "images")
     array = rgb_array(image, image_key)

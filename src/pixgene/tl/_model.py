@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
-from .._keys import TOTAL_CHANNEL
-from .._validate import fail
+from .._core.version import __version__
+from .._core.keys import TOTAL_CHANNEL
+from .._core.validate import fail
 
 logger = logging.getLogger(__name__)
 
@@ -346,7 +346,7 @@ def _json_default(obj: Any):
 
 def check_tta(tta: Any) -> None:
     """Fail unless ``tta`` is a number of test-time transforms pixgene takes (1, 2, 4 or 8)."""
-    from .._validate import fail
+    from .._core.validate import fail
     from ..data._augment import TTA_CHOICES
 
     if isinstance(tta, bool) or not isinstance(tta, int | np.integer) or tta not in TTA_CHOICES:

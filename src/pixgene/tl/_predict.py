@@ -52,9 +52,9 @@ from typing import Any
 
 import numpy as np
 
-from .._keys import IMAGE_KEY, UNS_KEY, dense_key
-from .._units import record_um_per_px, resolve_um_per_px
-from .._validate import check_not_exists, check_positive, fail, require_element
+from .._core.keys import IMAGE_KEY, UNS_KEY, dense_key
+from .._core.units import record_um_per_px, resolve_um_per_px
+from .._core.validate import check_not_exists, check_positive, fail, require_element
 from ._model import check_tta
 
 logger = logging.getLogger(__name__)
@@ -510,7 +510,7 @@ def predict_dense(
     chunks live in ``<store>.pixgene-partial/<key_added>`` (removed at the end).
     """
     image = require_element(sdata, image_key, "images")
-    from .._raster import rgb_array
+    from .._core.raster import rgb_array
 
     rgb_array(image, image_key)
     models = _models_to_run(sdata, model)
@@ -732,7 +732,7 @@ def _dense_element(level0, image, outputs, out_px_in_image_px, scale_factors, ou
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Scale, Sequence
 
-    from .._coords import transformations_of
+    from .._core.coords import transformations_of
 
     f = out_px_in_image_px
     to_image = Scale([f, f], axes=("y", "x"))

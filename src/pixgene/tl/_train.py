@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._torch_compat import ensure_torchvision
+from .._core.torch_compat import ensure_torchvision
 
 ensure_torchvision()
 import lightning as L  # noqa: E402

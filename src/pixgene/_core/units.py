@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ._keys import UNS_KEY
-from ._validate import check_positive, fail
+from .keys import UNS_KEY
+from .validate import check_positive, fail
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def resolve_um_per_px(
         diameter_um = info.get("spot_diameter_um")
         shapes = sdata.shapes.get(shapes_key)
         if diameter_um is not None and shapes is not None and "radius" in shapes:
-            from ._coords import affine_between, isotropic_scale
+            from .coords import affine_between, isotropic_scale
 
             scale = isotropic_scale(affine_between(sdata, shapes_key, image_key), f"shapes {shapes_key!r}")
             radius_px = float(np.median(shapes["radius"].to_numpy())) * scale

@@ -43,7 +43,7 @@ def level_for_downsample(element: Any, factor: float) -> tuple[Any, float]:
 
 def rgb_array(element: Any, name: str) -> Any:
     """The full-resolution (c, y, x) array, checked to be a three-channel colour image."""
-    from ._validate import fail
+    from .validate import fail
 
     array = full_resolution(element)
     if tuple(array.dims) != ("c", "y", "x"):

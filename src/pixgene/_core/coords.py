@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import fail
+from .validate import fail
 
 
 def element_of(sdata: Any, key: str) -> Any:
