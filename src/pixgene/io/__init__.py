@@ -5,7 +5,18 @@ image's pixels and a raw-count table linked to them, with the microns per pixel 
 """
 
 from ._anndata import from_anndata
+from ._cells import read_cells
+from ._image import read_image
 from ._st import read_st
+from ._units import get_um_per_px, set_um_per_px
 from ._visium import read_visium
 
-__all__ = ["from_anndata", "read_st", "read_visium"]
+__all__ = [
+    "from_anndata",
+    "get_um_per_px",
+    "read_cells",
+    "read_image",
+    "read_st",
+    "read_visium",
+    "set_um_per_px",
+]
