@@ -10,6 +10,8 @@ from ._image import read_image
 from ._st import read_st
 from ._units import get_um_per_px, set_um_per_px
 from ._visium import read_visium
+from ._visium_hd import read_visium_hd
+from ._xenium import read_xenium
 
 __all__ = [
     "from_anndata",
@@ -18,5 +20,7 @@ __all__ = [
     "read_image",
     "read_st",
     "read_visium",
+    "read_visium_hd",
+    "read_xenium",
     "set_um_per_px",
 ]
