@@ -8,6 +8,7 @@ from ._fit import fit
 from ._grid import make_grid
 from ._model import PixNet
 from ._predict import predict_dense
+from ._segment import segment_cells
 
 __all__ = ["PixNet", "Scores", "aggregate", "colour_control", "denoise", "evaluate", "fit", "make_grid",
-           "predict_dense"]
+           "predict_dense", "segment_cells"]
