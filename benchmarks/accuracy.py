@@ -165,7 +165,7 @@ def spots_of(section: str, sdata, genes: list[str], enc_um: float) -> Spots:
 
     from pixgene._core.normalize import log_normalize_np
     from pixgene.data._reader import SlideReader
-    from pixgene.tl._inputs import prepare_spot_slide
+    from pixgene.data._slides import prepare_spot_slide
 
     s = prepare_spot_slide(sdata, image_key="he", shapes_key="spots", table_key="table", um_per_px=None)
     reader = SlideReader(sdata.images["he"], image_um=s.um_per_px, target_um=enc_um, name="he")

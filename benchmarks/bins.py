@@ -35,9 +35,9 @@ import resource
 import time
 import tracemalloc
 
+import _report
 import numpy as np
 
-import _report
 import pixgene as pg
 
 log = logging.getLogger("bins")

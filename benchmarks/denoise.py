@@ -30,9 +30,9 @@ import resource
 import time
 from pathlib import Path
 
+import _report
 import numpy as np
 
-import _report
 import pixgene as pg
 
 log = logging.getLogger("denoise")

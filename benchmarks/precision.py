@@ -31,8 +31,8 @@ log = logging.getLogger("precision")
 def _module(precision: str, members: int = 1):
     import torch
 
+    from pixgene.model._pixnet import build_module
     from pixgene.nn._encoders import build_encoder
-    from pixgene.tl._model import build_module
 
     torch.manual_seed(0)
     decoder = {"width": 48, "out_stride": 4, "block": "fusion", "window": 8, "precision": precision,

@@ -93,8 +93,8 @@ def build_model(genes: list[str]):
     """EfficientNet-Lite0 (bundled weights) with pg.tl.fit's default decoder; untrained (speed does not care)."""
     import torch
 
+    from pixgene.model._pixnet import PixNet, build_module
     from pixgene.nn._encoders import build_encoder
-    from pixgene.tl._model import PixNet, build_module
 
     encoder = build_encoder("efficientnet_lite0", weights="default")
     config = encoder.config()
@@ -156,7 +156,7 @@ def tiling_section(model, *, written: int = 1024, n_tiles: int = 3) -> dict:
     centre; taper weights every tile's output by a linear ramp from 0 at its edge to 1 at 2 * o inside
     (consecutive tiles cross-fade over their 2 * o overlap; cellpose tapers the same way, with a sigmoid).
     """
-    from pixgene.tl._predict import edge_error_profile, probe_texture, tiling_halo
+    from pixgene.infer._tiling import edge_error_profile, probe_texture, tiling_halo
 
     (halo, edge_error), t_probe = timed(tiling_halo, model)
     profile = edge_error_profile(model)
@@ -198,7 +198,7 @@ def tiling_section(model, *, written: int = 1024, n_tiles: int = 3) -> dict:
 
 def texture_tile(size: int = 256) -> np.ndarray:
     """The H&E texture the slides replicate; a short period keeps the zarr chunks compressible."""
-    from pixgene.tl._predict import probe_texture
+    from pixgene.infer._tiling import probe_texture
 
     return (probe_texture(size, size, seed=7) * 255).round().astype(np.uint8)
 
@@ -284,7 +284,7 @@ def predict_child(args) -> None:
     import spatialdata as sd
 
     import pixgene as pg
-    from pixgene.tl._predict import tiling_halo
+    from pixgene.infer._tiling import tiling_halo
 
     rss_start = peak_rss_gb()
     sdata = sd.read_zarr(args.store)

@@ -67,10 +67,10 @@ def decode_at_before(module):
 
 def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
     import torch
+    from train_step import timed_step, training_batches, training_copy, training_inputs
 
     from pixgene.nn import _decoder
-    from pixgene.tl import _train
-    from train_step import timed_step, training_batches, training_copy, training_inputs
+    from pixgene.train import _plan as _train
 
     module, cache, kwargs = training_inputs(section, n_genes, seed)
     batches = training_batches(module, cache, kwargs["batch_size"], steps + 1, seed)

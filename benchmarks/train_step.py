@@ -38,7 +38,7 @@ class _Captured(Exception):
 def training_inputs(section: str, n_genes: int, seed: int):
     """``(module, cache, kwargs)`` exactly as ``pg.tl.fit`` hands them to training, for one her2st section."""
     import pixgene as pg
-    from pixgene.tl import _train
+    from pixgene.train import _plan as _train
 
     sdata = pg.datasets.her2st(section)
     genes = pg.pp.select_genes(sdata, n_top=n_genes, flavor="hvg")
@@ -65,7 +65,7 @@ def training_batches(module, cache, batch_size: int, n: int, seed: int) -> list[
     layout."""
     import torch
 
-    from pixgene.tl import _train
+    from pixgene.train import _plan as _train
 
     module.decoder.to(memory_format=torch.channels_last)
     module.head.to(memory_format=torch.channels_last)
@@ -87,7 +87,7 @@ def training_copy(module, cache, kwargs: dict) -> tuple:
     gives it (``kwargs`` as :func:`training_inputs` captured them), in training mode."""
     import torch
 
-    from pixgene.tl import _train
+    from pixgene.train import _plan as _train
 
     module = copy.deepcopy(module)
     plan = _train.PixNetTrainingPlan(module, cache, n_slides=kwargs["n_slides"], loss=kwargs["loss"],
@@ -113,7 +113,7 @@ def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
 
     from pixgene.data._augment import dihedral_inverse
     from pixgene.nn import _decoder
-    from pixgene.tl import _train
+    from pixgene.train import _plan as _train
 
     module, cache, kwargs = training_inputs(section, n_genes, seed)
     batches = training_batches(module, cache, kwargs["batch_size"], steps + 1, seed)

@@ -39,8 +39,9 @@ def synthetic_small(synthetic_small_session):
 @pytest.fixture(scope="session")
 def fitted_session(synthetic_small_session):
     """A quickly fitted model (few epochs: for plumbing and determinism, not accuracy)."""
-    import pixgene as pg
     from spatialdata import deepcopy
+
+    import pixgene as pg
 
     sdata = deepcopy(synthetic_small_session)
     model = pg.tl.fit(sdata, genes=FIT_GENES, max_epochs=2, n_views=2, width=16, progress=False, random_state=0)

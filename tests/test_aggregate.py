@@ -9,7 +9,15 @@ import pytest
 import shapely
 from shapely.geometry import MultiPolygon, Point, Polygon, box
 
-from pixgene._core.keys import AREA_OBS, COVERAGE_OBS, INSTANCE_KEY, REGION_KEY, TOTAL_CHANNEL, TOTAL_OBS, UNS_KEY
+from pixgene._core.keys import (
+    AREA_OBS,
+    COVERAGE_OBS,
+    INSTANCE_KEY,
+    REGION_KEY,
+    TOTAL_CHANNEL,
+    TOTAL_OBS,
+    UNS_KEY,
+)
 from pixgene._core.validate import PixgeneInputError
 from pixgene.data._operator import integrate_labels, integrate_map
 from pixgene.tl._aggregate import aggregate

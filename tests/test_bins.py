@@ -95,7 +95,7 @@ def test_spots_in_image_takes_polygons_and_refuses_mixed_or_degenerate_shapes(sy
     from spatialdata.transformations import Scale, Sequence, get_transformation
 
     from pixgene._core.validate import PixgeneInputError
-    from pixgene.tl._inputs import spots_in_image
+    from pixgene.data._slides import spots_in_image
 
     spots = synthetic_small.shapes["spots"]
     xy = np.column_stack([spots.geometry.x, spots.geometry.y])
@@ -146,11 +146,11 @@ def test_fit_on_polygons_equal_to_the_circles_learns_what_the_circles_teach(synt
     and draws, so two fits differ only by the operators' tiny area difference; their read-outs agree."""
     import geopandas as gpd
     import shapely
+    from conftest import FIT_GENES
     from spatialdata.models import ShapesModel
     from spatialdata.transformations import get_transformation
 
     import pixgene as pg
-    from conftest import FIT_GENES
 
     spots = synthetic_small.shapes["spots"]
     angles = np.linspace(0, 2 * np.pi, 96, endpoint=False)
@@ -218,7 +218,7 @@ def test_slide_area_operator_of_polygons_matches_the_circles_they_approximate():
     their circles give, pixel by pixel, to the polygons' 0.01 % of missing area."""
     import shapely
 
-    from pixgene.tl._inputs import SpotSlide
+    from pixgene.data._slides import SpotSlide
 
     centers = np.array([[103.0, 97.5], [260.2, 181.9], [40.0, 300.0]])
     radius = np.array([27.5, 27.5, 40.0])

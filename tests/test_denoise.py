@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import FIT_GENES
 
 import pixgene as pg
-from conftest import FIT_GENES
 from pixgene._core.validate import PixgeneInputError
 from pixgene.tl._denoise import gamma_poisson_posterior, spatial_folds, spot_pitch_um
 

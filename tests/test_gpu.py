@@ -39,9 +39,8 @@ def test_decoder_upsampling_on_cuda_equals_the_cpu_interpolation(monkeypatch):
 
 
 def test_fit_on_cuda_is_reproducible_and_its_map_matches_the_cpus(synthetic_small_session):
-    from spatialdata import deepcopy
-
     from conftest import FIT_GENES
+    from spatialdata import deepcopy
 
     def fitted():
         sdata = deepcopy(synthetic_small_session)

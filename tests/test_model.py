@@ -133,7 +133,7 @@ def test_decoder_output_is_non_negative_at_output_stride(block):
 
 
 def test_overlap_matrix_conserves_integrals():
-    from pixgene.tl._predict import overlap_matrix
+    from pixgene.infer._tiling import overlap_matrix
 
     rng = np.random.default_rng(0)
     values = rng.random(12)  # piecewise constant on 12 cells of 4 um from 0 um
@@ -158,30 +158,27 @@ def test_save_load_round_trip_gives_identical_predictions(fitted_session, tmp_pa
     np.testing.assert_array_equal(loaded.predict_intensity(tile), model.predict_intensity(tile))
 
 
-def test_models_saved_before_same_padding_load_with_symmetric_padding(fitted_session, tmp_path):
-    """Format version 1 recorded no padding: its bundled EfficientNet-Lite0 ran with timm's symmetric padding,
-    so a model saved then must be rebuilt with it, not with the "SAME" padding the bundled encoder has now."""
-    from pixgene.nn._encoders import build_encoder
+def test_load_refuses_an_old_format_and_a_damaged_weights_file_naming_them(fitted_session, tmp_path):
     from pixgene.tl import PixNet
 
     _, model = fitted_session
-    assert model.encoder_config["pad_type"] == "same"
     model.save(tmp_path / "m")
-    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config_file, weights = tmp_path / "m" / "config.json", tmp_path / "m" / "model.safetensors"
+    config = json.loads(config_file.read_text())
     assert config["format_version"] == 2 and config["encoder"]["pad_type"] == "same"
-    current = PixNet.load(tmp_path / "m")
-    config["format_version"] = 1
-    del config["encoder"]["pad_type"]
-    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    legacy = PixNet.load(tmp_path / "m")
-    assert legacy.encoder_config["pad_type"] == ""
-    x = torch.rand(1, 3, 64, 64)
-    with torch.no_grad():
-        want = build_encoder("efficientnet_lite0", pad_type="")(x)
-        other = current.module.encoder(x)
-        for a, b, c in zip(legacy.module.encoder(x), want, other, strict=True):
-            assert torch.equal(a, b)
-            assert not torch.allclose(a, c, atol=1e-3)
+    good = weights.read_bytes()
+    weights.write_bytes(b"\xff" * 64 + good[64:])  # a header length no file has
+    with pytest.raises(PixgeneInputError, match=r"model\.safetensors.*not a readable safetensors file.*again"):
+        PixNet.load(tmp_path / "m")
+    weights.write_bytes(good[: len(good) // 2])  # cut short
+    with pytest.raises(PixgeneInputError, match="not a readable safetensors file"):
+        PixNet.load(tmp_path / "m")
+    weights.write_bytes(good)
+    assert PixNet.load(tmp_path / "m").model_id == model.model_id
+    for version, fix in ((1, "Fit the model again"), (None, "Fit the model again"), (3, "Upgrade pixgene")):
+        config_file.write_text(json.dumps({**config, "format_version": version}))
+        with pytest.raises(PixgeneInputError, match=f"format version {version!r}.*{fix}"):
+            PixNet.load(tmp_path / "m")
 
 
 def test_save_refuses_to_overwrite_and_load_detects_tampering(fitted_session, tmp_path):
@@ -206,8 +203,9 @@ def test_save_refuses_to_overwrite_and_load_detects_tampering(fitted_session, tm
 
 
 def test_same_seed_same_model(synthetic_small):
-    import pixgene as pg
     from conftest import FIT_GENES
+
+    import pixgene as pg
 
     kwargs = dict(genes=FIT_GENES[:3], max_epochs=1, n_views=1, width=16, progress=False, random_state=7)
     a = pg.tl.fit(synthetic_small, **kwargs)
@@ -219,9 +217,9 @@ def test_same_seed_same_model(synthetic_small):
 def test_finetuned_encoder_is_trained_saved_and_restored(synthetic_small, tmp_path):
     import numpy as np
     import torch
+    from conftest import FIT_GENES
 
     import pixgene as pg
-    from conftest import FIT_GENES
     from pixgene.nn._encoders import build_encoder
 
     model = pg.tl.fit(synthetic_small, genes=FIT_GENES[:3], max_epochs=1, n_views=1, width=16, progress=False,
@@ -251,7 +249,8 @@ def test_scale_jitter_views_keep_spot_integrals_exact():
     from spatialdata.models import Image2DModel
 
     from pixgene.data._reader import SlideReader
-    from pixgene.data._training import SlideSpots, build_cache
+    from pixgene.data._training import SlideSpots
+    from pixgene.train._cache import build_cache
 
     class Constant:  # a module stand-in: encoding is not what is tested here
         out_stride = 4
@@ -298,7 +297,8 @@ def test_default_training_length_follows_the_number_of_steps():
 
 
 def test_feature_stats_match_numpy_over_every_tile_and_view():
-    from pixgene.data._training import TrainingCache, feature_stats
+    from pixgene.data._training import TrainingCache
+    from pixgene.model._standardize import feature_stats
 
     rng = np.random.default_rng(0)
     # 37 tiles (not a multiple of the chunk), 3 views, two levels of different widths and scales
@@ -334,7 +334,7 @@ def test_standardising_decoder_equals_plain_decoder_on_standardised_features(blo
 
 
 def test_pool_stats_are_the_moments_of_the_slides_together():
-    from pixgene.data._training import pool_stats
+    from pixgene.model._standardize import pool_stats
 
     rng = np.random.default_rng(1)
     samples = [rng.normal(loc, scale, (4, 500)) for loc, scale in ((0.0, 1.0), (3.0, 0.5), (-2.0, 4.0))]
@@ -346,7 +346,8 @@ def test_pool_stats_are_the_moments_of_the_slides_together():
 
 
 def test_standardize_cache_uses_each_slides_own_statistics():
-    from pixgene.data._training import TileView, TrainingCache, standardize_cache
+    from pixgene.data._training import TileView, TrainingCache
+    from pixgene.model._standardize import standardize_cache
 
     rng = np.random.default_rng(2)
     n_tiles, slide_of = 7, np.array([0, 1, 1, 0, 1, 0, 0])
@@ -377,7 +378,7 @@ def test_slide_feature_stats_are_the_moments_of_tiles_centred_on_tissue(fitted_s
     from pixgene._core.units import resolve_um_per_px
     from pixgene.data._mask import tissue_mask
     from pixgene.data._reader import SlideReader
-    from pixgene.data._training import slide_feature_stats, stats_tile_corners
+    from pixgene.model._standardize import slide_feature_stats, stats_tile_corners
 
     sdata, model = fitted_session
     image_um = resolve_um_per_px(sdata, "he")
@@ -431,7 +432,7 @@ def _stub_training(seed: int = 3):
 def test_training_loss_terms_match_scipy_and_numpy():
     from scipy.stats import nbinom
 
-    from pixgene.tl._train import LossWeights, PixNetTrainingPlan, make_collate
+    from pixgene.train._plan import LossWeights, PixNetTrainingPlan, make_collate
 
     module, cache = _stub_training()
     weights = LossWeights(count=0.7, total=1.3, mse=0.9, pearson=0.4)
@@ -464,7 +465,7 @@ def test_training_loss_terms_match_scipy_and_numpy():
 
 
 def _train_stub(monkeypatch, ema_decay: float, record: list | None = None):
-    from pixgene.tl import _train
+    from pixgene.train import _plan as _train
 
     if record is not None:  # every trainable tensor after every optimiser step, with its epoch
         def after_step(self, trainer, plan, outputs, batch, batch_idx):
@@ -505,7 +506,7 @@ def test_weight_average_is_the_moving_average_of_the_raw_training_path(monkeypat
 
 
 def test_calibrate_scale_makes_predicted_library_sizes_add_up_to_the_measured_ones():
-    from pixgene.tl._train import calibrate_scale
+    from pixgene.train._plan import calibrate_scale
 
     module, cache = _stub_training()
     feats, views = cache.features, cache.views
@@ -558,8 +559,9 @@ def test_fit_leaves_torchs_global_switches_as_it_found_them(synthetic_small):
     """Lightning's deterministic mode is process-wide; fit switches it on for training only."""
     import os
 
-    import pixgene as pg
     from conftest import FIT_GENES
+
+    import pixgene as pg
 
     cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     torch.backends.cudnn.benchmark = True
@@ -580,9 +582,10 @@ def test_fit_skips_batches_without_training_spots_without_a_warning(synthetic_sm
     and Lightning's warning about a skipped step does not reach the user."""
     import warnings
 
-    import pixgene as pg
     from conftest import FIT_GENES
-    from pixgene.tl._train import PixNetTrainingPlan
+
+    import pixgene as pg
+    from pixgene.train._plan import PixNetTrainingPlan
 
     steps = []
     training_step = PixNetTrainingPlan.training_step
@@ -607,7 +610,7 @@ def test_collate_maps_each_views_operator_through_its_dihedral():
     own columns; and the head evaluated at the covered pixels alone gives the same spot sums as the whole map."""
     from pixgene.data._augment import dihedral_inverse
     from pixgene.data._training import TileView
-    from pixgene.tl._train import integrate_pixels, integrate_spots, make_collate
+    from pixgene.train._plan import integrate_pixels, integrate_spots, make_collate
 
     module, cache = _stub_training()
     rng = np.random.default_rng(5)
@@ -682,9 +685,11 @@ def test_vit_training_cache_holds_token_grids_that_expand_to_the_cached_pyramid(
     from spatialdata.models import Image2DModel
 
     from pixgene.data._reader import SlideReader
-    from pixgene.data._training import SlideSpots, build_cache, feature_stats
+    from pixgene.data._training import SlideSpots
+    from pixgene.model._standardize import feature_stats
     from pixgene.nn._encoders import build_encoder
     from pixgene.nn._pixnet import PixNetModule
+    from pixgene.train._cache import build_cache
 
     torch.manual_seed(0)
     module = PixNetModule(build_encoder("uni2", weights=None, depth=2, embed_dim=48, num_heads=2), 3, width=8)
@@ -720,10 +725,10 @@ def test_vit_training_cache_holds_token_grids_that_expand_to_the_cached_pyramid(
 
 def test_vit_fit_on_token_grids_matches_a_fit_on_the_cached_pyramid(synthetic_small_session, monkeypatch):
     """End to end, training from the compact ViT cache gives the model the pyramid cache gives."""
+    from conftest import FIT_GENES
     from spatialdata import deepcopy
 
     import pixgene as pg
-    from conftest import FIT_GENES
     from pixgene.nn._encoders import ViTEncoder
 
     def fitted():
@@ -777,8 +782,9 @@ def test_bf16_module_runs_encoder_and_decoder_under_bfloat16_autocast_and_return
 
 
 def test_precision_is_recorded_saved_and_validated(synthetic_small, tmp_path, monkeypatch):
-    import pixgene as pg
     from conftest import FIT_GENES
+
+    import pixgene as pg
     from pixgene.nn import _pixnet
     from pixgene.tl import PixNet
 
@@ -865,9 +871,10 @@ def test_fit_resumes_from_member_checkpoints_to_the_same_model(synthetic_small, 
     """A fit killed after its first member, called again with the same directory, trains only the second one
     and ends with the uninterrupted fit's model (same id, history, summaries but for the timings); raising
     n_members trains only the new members; a directory of another fit stops the fit before any work."""
-    import pixgene as pg
-    import pixgene.tl._train as train_module
     from conftest import FIT_GENES
+
+    import pixgene as pg
+    import pixgene.train._plan as train_module
 
     kwargs = dict(genes=FIT_GENES[:3], max_epochs=2, n_views=1, width=8, progress=False, random_state=2)
     whole = pg.tl.fit(synthetic_small, n_members=2, **kwargs)
@@ -912,10 +919,11 @@ def test_fit_shares_encoded_tiles_through_a_feature_cache(synthetic_small, tmp_p
     """A second fit with the same encoding settings loads the first one's features instead of encoding (the
     encoder never runs) and makes the model a fit without the cache makes, to the bit, whatever its decoder;
     other encoding settings get a file of their own; bad arguments fail before any work."""
-    import pixgene as pg
     from conftest import FIT_GENES
+
+    import pixgene as pg
     from pixgene.nn._pixnet import PixNetModule
-    from pixgene.tl._feature_cache import FeatureCache
+    from pixgene.train._feature_cache import FeatureCache
 
     kwargs = dict(genes=FIT_GENES[:3], max_epochs=2, n_views=2, width=8, progress=False, random_state=4,
                   n_members=1)
@@ -964,8 +972,9 @@ def test_fit_shares_encoded_tiles_through_a_feature_cache(synthetic_small, tmp_p
 
 
 def test_fit_trains_members_apart_and_predicts_their_mean(synthetic_small, tmp_path):
-    import pixgene as pg
     from conftest import FIT_GENES
+
+    import pixgene as pg
     from pixgene.tl import PixNet
 
     kwargs = dict(genes=FIT_GENES[:3], max_epochs=2, n_views=1, width=16, progress=False, random_state=5)
@@ -1019,8 +1028,9 @@ def test_fit_trains_members_apart_and_predicts_their_mean(synthetic_small, tmp_p
 
 
 def test_n_members_is_validated_and_fine_tuning_trains_one(synthetic_small):
-    import pixgene as pg
     from conftest import FIT_GENES
+
+    import pixgene as pg
 
     for bad in (0, 1.5, True):
         with pytest.raises(PixgeneInputError, match="n_members"):
@@ -1044,9 +1054,10 @@ def test_training_context_gives_the_features_a_whole_slide_pass_has():
     from spatialdata.models import Image2DModel
 
     from pixgene.data._reader import SlideReader
-    from pixgene.data._training import SlideSpots, build_cache
+    from pixgene.data._training import SlideSpots
     from pixgene.nn._encoders import build_encoder
     from pixgene.nn._pixnet import PixNetModule
+    from pixgene.train._cache import build_cache
 
     torch.manual_seed(0)
     module = PixNetModule(build_encoder("efficientnet_lite0", weights=None), 3, width=8).eval()
@@ -1102,6 +1113,7 @@ def test_cache_read_ahead_keeps_the_views_and_their_jitter_in_order(monkeypatch)
 
     from pixgene.data import _training
     from pixgene.data._reader import SlideReader
+    from pixgene.train import _cache
     from pixgene.nn._encoders import build_encoder
     from pixgene.nn._pixnet import PixNetModule
 
@@ -1129,12 +1141,12 @@ def test_cache_read_ahead_keeps_the_views_and_their_jitter_in_order(monkeypatch)
     slide = _training.SlideSpots("s", reader, centers, 30.0, np.ones((4, 4), np.float32), np.ones(4, bool))
 
     def cache():
-        return _training.build_cache([slide], module, tile=256, margin=16, n_views=3, stain_strength=0.1,
-                                     scale_jitter=0.1, rng=np.random.default_rng(5), context=64, batch_size=2,
-                                     progress=False)
+        return _cache.build_cache([slide], module, tile=256, margin=16, n_views=3, stain_strength=0.1,
+                                  scale_jitter=0.1, rng=np.random.default_rng(5), context=64, batch_size=2,
+                                  progress=False)
 
     ahead = cache()
-    monkeypatch.setattr(_training, "ThreadPoolExecutor", InOrder)
+    monkeypatch.setattr(_cache, "ThreadPoolExecutor", InOrder)
     plain = cache()
     assert ahead.n_tiles == plain.n_tiles == 4
     for a, p in zip(ahead.features, plain.features, strict=True):
@@ -1149,8 +1161,9 @@ def test_cache_read_ahead_keeps_the_views_and_their_jitter_in_order(monkeypatch)
 
 def test_fit_on_fewer_than_ten_spots_trains_every_epoch_without_validation(synthetic_small):
     """Under 10 spots none is held out for validation: no early stopping, all epochs run, the last kept."""
-    import pixgene as pg
     from conftest import FIT_GENES
+
+    import pixgene as pg
 
     spots = synthetic_small.shapes["spots"]
     keep = spots.index[:8]

@@ -25,8 +25,8 @@ def _model(block: str = "conv", width: int = 8, genes=("A", "B", "C"), um_per_px
     """An untrained PixNet on the bundled encoder, its outputs scaled to a realistic ~1e-2 counts per um^2."""
     import torch
 
+    from pixgene.model._pixnet import PixNet, build_module
     from pixgene.nn._encoders import build_encoder
-    from pixgene.tl._model import PixNet, build_module
 
     encoder = build_encoder("efficientnet_lite0", weights="default", um_per_px=um_per_px)
     config = encoder.config()
@@ -80,7 +80,7 @@ def _tiled_vs_one_pass(sdata, model, key: str, whole_image=None) -> float:
     """Relative max difference between predict_dense (default halo, 2 x 2 chunks, at the model's output um/px)
     and one whole-image pass (``whole_image``: the image as the encoder reads it, default read at 1 um/px)."""
     from pixgene.data._reader import BACKGROUND, SlideReader
-    from pixgene.tl._predict import tiling_halo
+    from pixgene.infer._tiling import tiling_halo
 
     halo, edge_error = tiling_halo(model)
     assert halo % model.alignment == 0 and edge_error < 1e-4
@@ -120,7 +120,7 @@ def test_tiled_map_of_the_default_architecture_equals_one_pass(fitted_session):
 def test_bfloat16_model_probes_its_halo_in_float32_and_tiles_within_its_rounding(synthetic_small):
     """A bfloat16 model gets the halo of the same weights in float32 (its rounding does not make the probe
     think the receptive field never ends), and its tiled map agrees with one bfloat16 pass to about 1e-3."""
-    from pixgene.tl._predict import edge_error_profile, tiling_halo
+    from pixgene.infer._tiling import edge_error_profile, tiling_halo
 
     fp32 = _model()
     bf16 = _model()
@@ -157,7 +157,7 @@ def test_coarse_image_is_encoded_at_its_own_um_per_px(tmp_path):
 
 
 def test_halo_is_measured_once_per_model(model):
-    from pixgene.tl._predict import HALO_SAFETY, TILING_TOLERANCE, edge_error_profile, tiling_halo
+    from pixgene.infer._tiling import HALO_SAFETY, TILING_TOLERANCE, edge_error_profile, tiling_halo
 
     vars(model).pop("_tiling_halo_cache", None)  # measured afresh here, whatever ran before
     with CountingCalls(model) as counter:
@@ -177,7 +177,7 @@ def test_background_chunks_are_zero_and_never_computed(model, synthetic_small):
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import get_transformation
 
-    from pixgene.tl._predict import chunk_blocks
+    from pixgene.infer._tiling import chunk_blocks
 
     he = synthetic_small.images["he"]
     glass = np.asarray(he.values).copy()

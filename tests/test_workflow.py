@@ -90,7 +90,7 @@ def test_predict_dense_standardises_with_the_predicted_slides_own_statistics(fit
 
     from pixgene._core.units import resolve_um_per_px
     from pixgene.data._reader import SlideReader
-    from pixgene.data._training import slide_feature_stats
+    from pixgene.model._standardize import slide_feature_stats
 
     sdata, model = fitted_session
     assert model.slide_standardized

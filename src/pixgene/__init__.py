@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ._core.version import __version__
+
 __all__ = ["datasets", "io", "pl", "pp", "tl", "__version__"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

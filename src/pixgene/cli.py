@@ -137,8 +137,8 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         from PIL import Image
 
-        from .io._build import parse_rgb_image
         from ._core.units import record_um_per_px
+        from .io._build import parse_rgb_image
 
         if args.image_um_per_px is None:
             print("--image-um-per-px is required for an image file", file=sys.stderr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 #: the order in which test-time augmentation adds dihedral transforms: the half turn, then the two mirror
 #: images (these four keep a tile's height and width), then the quarter turns and the transposes
 TTA_TRANSFORMS = (0, 2, 4, 6, 1, 3, 5, 7)

@@ -14,7 +14,6 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
-
 #: overlap areas at or below this (grid px^2) are rounding noise and are not stored
 AREA_TOLERANCE = 1e-12
 

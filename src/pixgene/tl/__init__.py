@@ -1,12 +1,12 @@
 """Tools: fit PixNet, predict dense maps, read them out over shapes, and score them."""
 
+from ..model._pixnet import PixNet
 from ._aggregate import aggregate
 from ._baselines import colour_control
 from ._denoise import denoise
 from ._evaluate import Scores, evaluate
 from ._fit import fit
 from ._grid import make_grid
-from ._model import PixNet
 from ._predict import predict_dense
 from ._segment import segment_cells
 

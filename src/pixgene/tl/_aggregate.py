@@ -18,8 +18,10 @@ from .._core.keys import (
     TOTAL_CHANNEL,
     TOTAL_OBS,
     UNS_KEY,
-    dense_key as default_dense_key,
     readout_key,
+)
+from .._core.keys import (
+    dense_key as default_dense_key,
 )
 from .._core.validate import check_not_exists, fail, require_element
 

@@ -10,7 +10,7 @@ import numpy as np
 from .._core.keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, TOTAL_CHANNEL, UNS_KEY
 from .._core.units import record_um_per_px
 from .._core.validate import check_genes, check_not_exists
-from ._inputs import prepare_spot_slide
+from ..data._slides import prepare_spot_slide
 
 logger = logging.getLogger(__name__)
 

@@ -268,9 +268,9 @@ def denoise(
     from spatialdata.models import TableModel
 
     from .._core.keys import INSTANCE_KEY, REGION_KEY
+    from ..data._slides import linked_table_rows, prepare_spot_slide
     from ._aggregate import aggregate
     from ._fit import _as_list, _resolve_genes, counts_with_library, fit
-    from ._inputs import linked_table_rows, prepare_spot_slide
     from ._predict import predict_dense
 
     # ---- every check before any work
@@ -283,7 +283,7 @@ def denoise(
     key = key_added or denoised_key(shapes_key)
     check_not_exists(sdata, key, overwrite)
     if checkpoint_dir is not None:
-        from ._checkpoint import require_directory
+        from ..train._checkpoint import require_directory
 
         require_directory("checkpoint_dir", checkpoint_dir)
     slide = prepare_spot_slide(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
@@ -319,7 +319,7 @@ def denoise(
     if checkpoint_dir is not None:
         import pixgene
 
-        from ._checkpoint import image_hash, record_fingerprint, slide_digest
+        from ..train._checkpoint import image_hash, record_fingerprint, slide_digest
 
         def digest(s) -> str:
             return slide_digest(image_hash(s.sdata.images[image_key]), s.centers, s.footprint(),

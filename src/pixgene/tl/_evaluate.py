@@ -11,8 +11,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._core.keys import TOTAL_OBS, UNS_KEY
-from .._core.validate import fail, require_element
 from .._core.normalize import log_normalize_np
+from .._core.validate import fail, require_element
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from .._core.keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, UNS_KEY
 from .._core.validate import check_positive, fail
 from ..data._geometry import scaled_polygons
-from ._inputs import SpotSlide, prepare_spot_slide
+from ..data._slides import SpotSlide, prepare_spot_slide
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def _fingerprint_inputs(module, slides: list[SpotSlide], image_key: str) -> tupl
     its weights), and each slide's image hashed once (:func:`~pixgene.tl._checkpoint.image_hash`), for the
     fingerprints of ``checkpoint_dir`` and ``feature_cache`` alike."""
     from .._core.version import __version__
-    from ._checkpoint import image_hash, state_digest
+    from ..train._checkpoint import image_hash, state_digest
 
     common = {
         "pixgene_version": __version__,
@@ -82,8 +82,8 @@ def _member_checkpoints(path, module, tuned_keys: list[str], slides: list[SpotSl
     """The fit's :class:`~pixgene.tl._checkpoint.MemberCheckpoints` (existing member files checked before any
     work): each member's fingerprint covers the slides' data, genes, settings, encoder weights and its own
     initial weights."""
-    from ._checkpoint import MemberCheckpoints, member_fingerprint, slide_digest
-    from ._model import trained_state
+    from ..model._pixnet import trained_state
+    from ..train._checkpoint import MemberCheckpoints, member_fingerprint, slide_digest
 
     common, images = inputs
     common = {
@@ -107,8 +107,8 @@ def _feature_store(path, slides: list[SpotSlide], *, inputs: tuple[dict, list], 
     """The fit's :class:`~pixgene.tl._feature_cache.FeatureCache`: its fingerprint covers the slides' images
     and spots, the encoder's architecture and weights, the encoding settings and the state of ``rng`` that
     draws the views (taken now, just before the training tiles are planned)."""
-    from ._checkpoint import record_fingerprint, slide_digest
-    from ._feature_cache import FeatureCache
+    from ..train._checkpoint import record_fingerprint, slide_digest
+    from ..train._feature_cache import FeatureCache
 
     common, images = inputs
     record = {
@@ -352,11 +352,11 @@ def fit(
     records its id and genes.
     """
     from ..data._reader import SlideReader
-    from ..data._training import (
-        SlideSpots, build_cache, feature_stats, pool_stats, slide_feature_stats, standardize_cache,
-    )
-    from ._model import PixNet, build_module, remember_model, trainable_encoder_keys
-    from ._train import LossWeights, calibrate_scale, train
+    from ..data._training import SlideSpots
+    from ..model._pixnet import PixNet, build_module, remember_model, trainable_encoder_keys
+    from ..model._standardize import feature_stats, pool_stats, slide_feature_stats, standardize_cache
+    from ..train._cache import build_cache
+    from ..train._plan import LossWeights, calibrate_scale, train
 
     sdatas = _as_list(sdata)
     if not sdatas:
@@ -409,7 +409,7 @@ def fit(
     if feature_cache is not None and finetune_levels:
         fail("feature_cache", f"holds frozen features, and finetune_levels={finetune_levels} runs the encoder "
              "in every step", "Pass feature_cache=None with finetune_levels")
-    from ._checkpoint import require_directory
+    from ..train._checkpoint import require_directory
 
     # before the images are hashed for the fingerprints
     for name, path in (("checkpoint_dir", checkpoint_dir), ("feature_cache", feature_cache)):

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from .._core.version import __version__
 from .._core.keys import TOTAL_CHANNEL
 from .._core.validate import fail
+from .._core.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class PixNet:
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self._trained_state().items()}
         save_file(state, str(path / WEIGHTS_FILE), metadata={"model_id": self.model_id})
-        (path / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2, default=_json_default))
+        (path / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2, default=json_default))
         logger.info("saved %r to %s", self, path)
         return path
 
@@ -241,19 +241,28 @@ class PixNet:
         config = json.loads(config_file.read_text())
         if config.get("class") != "PixNet":
             fail(f"model {str(path)!r}", f"holds a {config.get('class')!r}, not a PixNet", "Load it with its own class")
-        if int(config.get("format_version", -1)) > FORMAT_VERSION:
-            fail(f"model {str(path)!r}", "was written by a newer pixgene", "Upgrade pixgene to load it")
+        version = config.get("format_version")
+        if version != FORMAT_VERSION:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
+            fail(f"model {str(path)!r}",
+                 f"config.json has model format version {version!r}; this pixgene reads version {FORMAT_VERSION}",
+                 "Upgrade pixgene to load it" if newer else
+                 "Fit the model again with this pixgene (models of format version 1 are no longer read)")
         genes = config.get("genes") or []
         if not genes or config.get("outputs") != [*genes, TOTAL_CHANNEL]:
             fail(f"model {str(path)!r}", "config.json has no consistent gene list", "Re-save the model")
-        encoder_config = legacy_encoder_config(config)
+        encoder_config = dict(config["encoder"])
         module = build_module(
             encoder_config,
             encoder_weights if encoder_weights is not None else config.get("encoder_weights"),
             n_outputs=len(genes) + 1,
             decoder_config=config["decoder"],
         )
-        state = load_file(str(weights_file))
+        try:
+            state = load_file(str(weights_file))
+        except Exception as err:  # safetensors raises its own SafetensorError (or OSError) on a damaged file
+            fail(f"model file {str(weights_file)!r}", f"is not a readable safetensors file ({err})",
+                 "The file is damaged or incomplete: copy the model directory again, or save the model again")
         finetuned = list(config.get("encoder_finetuned") or [])
         expected = {k for k in module.state_dict() if not k.startswith("encoder.")} | set(finetuned)
         if set(state) != expected:
@@ -285,18 +294,6 @@ def trained_state(module, finetuned: list[str]) -> dict:
     keys (what a saved model and a member checkpoint hold)."""
     keep = set(finetuned)
     return {k: v for k, v in module.state_dict().items() if not k.startswith("encoder.") or k in keep}
-
-
-def legacy_encoder_config(config: dict) -> dict:
-    """The encoder config of a saved model, with what format version 1 left implicit made explicit: the
-    bundled EfficientNet-Lite0 then ran with timm's symmetric padding, not the "SAME" padding it has now."""
-    from ..nn._encoders import LEGACY_PADDING
-
-    encoder_config = dict(config["encoder"])
-    if int(config.get("format_version", 1)) < 2:
-        for key, value in LEGACY_PADDING.get(encoder_config.get("name"), {}).items():
-            encoder_config.setdefault(key, value)
-    return encoder_config
 
 
 def trainable_encoder_keys(module) -> list[str]:
@@ -334,7 +331,7 @@ def build_module(
     return PixNetModule(encoder, n_outputs, **decoder_config)
 
 
-def _json_default(obj: Any):
+def json_default(obj: Any):
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):

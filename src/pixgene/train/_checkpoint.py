@@ -22,7 +22,7 @@ import numpy as np
 
 from .._core.raster import full_resolution
 from .._core.validate import fail
-from ._model import _json_default, trained_state
+from ..model._pixnet import json_default, trained_state
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,6 @@ class MemberCheckpoints:
         os.replace(tmp, weights)
         record = {"fingerprint": self.fingerprints[k], "member": k, "history": history, "summary": summary}
         tmp = meta.with_name(meta.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1, default=_json_default))
+        tmp.write_text(json.dumps(record, indent=1, default=json_default))
         os.replace(tmp, meta)
         logger.info("member %d saved to %s", k, weights)

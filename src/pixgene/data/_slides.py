@@ -55,7 +55,7 @@ class SpotSlide:
     def area_operator(self, divisor: float, grid_shape: tuple[int, int]):
         """Sparse (n, H * W) exact overlap areas (grid px^2) of every spot with a grid whose pixel is
         ``divisor`` image pixels, its top-left corner at the image's."""
-        from ..data._geometry import spot_weights
+        from ._geometry import spot_weights
 
         return spot_weights(self.centers, self.radius, self.polygons, grid_shape, scale=divisor)
 
