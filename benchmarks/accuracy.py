@@ -75,15 +75,15 @@ SINGLE = {"n_members": 1}
 PIXGENE = {
     "pixgene": {},
     "pixgene_single": SINGLE,
-    "pixgene_pooled": {**SINGLE, "standardize_features": "training"},
-    "pixgene_raw": {**SINGLE, "standardize_features": False},
-    "pixgene_conv": {**SINGLE, "decoder": "conv"},
-    "pixgene_mse": {**SINGLE, "loss_weights": {"count": 0.0, "mse": 1.0, "pearson": 0.0}},
-    "pixgene_nostain": {**SINGLE, "stain_jitter": 0.0},
-    "pixgene_smooth": {**SINGLE, "smooth_windows": True, "attention_window": 4},
-    # the default before 2026-11-30 evening: every training tile encoded alone (no image around it)
-    "pixgene_tile_alone": {"tile_context_px": 0},
-    "pixgene_single_tile_alone": {**SINGLE, "tile_context_px": 0},
+    "pixgene_pooled": {**SINGLE, "decoder": pg.tl.DecoderConfig(standardize_features="training")},
+    "pixgene_raw": {**SINGLE, "decoder": pg.tl.DecoderConfig(standardize_features=False)},
+    "pixgene_conv": {**SINGLE, "decoder": pg.tl.DecoderConfig(block="conv")},
+    "pixgene_mse": {**SINGLE, "training": pg.tl.TrainConfig(loss_weights={"count": 0.0, "mse": 1.0, "pearson": 0.0})},
+    "pixgene_nostain": {**SINGLE, "training": pg.tl.TrainConfig(stain_jitter=0.0)},
+    "pixgene_smooth": {**SINGLE, "decoder": pg.tl.DecoderConfig(smooth_windows=True, attention_window=4)},
+    # every training tile encoded alone (no image around it)
+    "pixgene_tile_alone": {"training": pg.tl.TrainConfig(tile_context_px=0)},
+    "pixgene_single_tile_alone": {**SINGLE, "training": pg.tl.TrainConfig(tile_context_px=0)},
     "pixgene_lite1": {"encoder": "efficientnet_lite1"},
     "pixgene_tta": {},
 }

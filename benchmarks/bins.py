@@ -111,8 +111,7 @@ def loss_part(seed: int) -> dict:
     runs += [("55 um circles", "spots", "table", name) for name in ("default", "no MSE")]
     for trained_on, shapes_key, table_key, name in runs:
         t0 = time.perf_counter()
-        model = pg.tl.fit(sdata, shapes_key=shapes_key, table_key=table_key, genes=genes, random_state=seed,
-                          n_members=1, loss_weights=LOSSES[name], progress=False)
+        model = pg.tl.fit(sdata, shapes_key=shapes_key, table_key=table_key, genes=genes, random_state=seed, n_members=1, progress=False, training=pg.tl.TrainConfig(loss_weights=LOSSES[name]))
         fit_s = time.perf_counter() - t0
         pg.tl.predict_dense(sdata, model, key_added="loss_map", overwrite=True, progress=False)
         scores = readout_scores(sdata, "loss_map", genes)

@@ -44,5 +44,5 @@ def fitted_session(synthetic_small_session):
     import pixgene as pg
 
     sdata = deepcopy(synthetic_small_session)
-    model = pg.tl.fit(sdata, genes=FIT_GENES, max_epochs=2, n_views=2, width=16, progress=False, random_state=0)
+    model = pg.tl.fit(sdata, genes=FIT_GENES, max_epochs=2, progress=False, random_state=0, decoder=pg.tl.DecoderConfig(width=16), training=pg.tl.TrainConfig(n_views=2))
     return sdata, model

@@ -162,7 +162,7 @@ def test_fit_on_polygons_equal_to_the_circles_learns_what_the_circles_teach(synt
                                                 transformations=get_transformation(spots, get_all=True))
     tables = []
     for sd in (synthetic_small, poly_sd):
-        model = pg.tl.fit(sd, genes=FIT_GENES, max_epochs=2, n_views=2, width=16, n_members=1, progress=False)
+        model = pg.tl.fit(sd, genes=FIT_GENES, max_epochs=2, n_members=1, progress=False, decoder=pg.tl.DecoderConfig(width=16), training=pg.tl.TrainConfig(n_views=2))
         assert model.training["n_tiles"] > 0
         pg.tl.predict_dense(sd, model, progress=False)
         tables.append(pg.tl.aggregate(sd, shapes="spots", inplace=False, progress=False))
@@ -178,8 +178,7 @@ def test_fit_on_square_bins_predicts_the_truth_at_a_finer_scale():
 
     sdata = pg.datasets.synthetic(seed=2, size_um=768.0, bins_um=16.0)
     genes = ["GENE00", "GENE01", "GENE02", "GENE03"]
-    model = pg.tl.fit(sdata, shapes_key="bins", table_key="bins_table", genes=genes, max_epochs=3, n_views=2,
-                      width=16, n_members=1, progress=False)
+    model = pg.tl.fit(sdata, shapes_key='bins', table_key='bins_table', genes=genes, max_epochs=3, n_members=1, progress=False, decoder=pg.tl.DecoderConfig(width=16), training=pg.tl.TrainConfig(n_views=2))
     assert model.training["slides"][0]["n_spots"] == sdata.tables["bins_table"].n_obs
     assert model.training["slides"][0]["spot_diameter_um"] == pytest.approx(16.0)
     pg.tl.predict_dense(sdata, model, progress=False)
@@ -197,8 +196,7 @@ def test_denoise_runs_over_square_bins_with_folds_of_their_centres():
 
     sdata = pg.datasets.synthetic(seed=4, size_um=384.0, bins_um=16.0)
     genes = ["GENE00", "GENE01", "GENE02"]
-    table = pg.tl.denoise(sdata, shapes_key="bins", table_key="bins_table", genes=genes, n_folds=2,
-                          random_state=1, progress=False, max_epochs=1, n_views=1, width=8, n_members=1)
+    table = pg.tl.denoise(sdata, shapes_key='bins', table_key='bins_table', genes=genes, n_folds=2, random_state=1, progress=False, max_epochs=1, n_members=1, decoder=pg.tl.DecoderConfig(width=8), training=pg.tl.TrainConfig(n_views=1))
     assert sdata.tables["bins_denoised"] is table
     bins = sdata.shapes["bins"]
     assert list(table.obs_names) == [str(i) for i in bins.index]

@@ -11,7 +11,7 @@ from pixgene._core.validate import PixgeneInputError
 from pixgene.tl._denoise import gamma_poisson_posterior, spatial_folds, spot_pitch_um
 
 #: tiny fits: plumbing, not accuracy
-FAST = dict(max_epochs=1, n_views=1, width=8, n_members=1)
+FAST = dict(max_epochs=1, n_members=1, decoder=pg.tl.DecoderConfig(width=8), training=pg.tl.TrainConfig(n_views=1))
 
 
 def test_spatial_folds_deal_whole_blocks_and_balance_the_folds():
@@ -42,12 +42,10 @@ def test_spot_pitch_is_the_median_nearest_neighbour_distance():
 
 
 def _refuse_fits(monkeypatch, why: str) -> None:
-    """Make pg.tl.fit fail the test if it runs (same signature, for denoise's check of its arguments)."""
-    import functools
+    """Make the training engine fail the test if it runs (denoise's folds train through it, not pg.tl.fit)."""
+    import pixgene.train
 
-    import pixgene.tl._fit as fit_module
-
-    monkeypatch.setattr(fit_module, "fit", functools.wraps(fit_module.fit)(lambda *a, **k: pytest.fail(why)))
+    monkeypatch.setattr(pixgene.train, "fit_model", lambda *a, **k: pytest.fail(why))
 
 
 def test_denoise_predicts_each_spot_with_a_model_fitted_without_its_fold(synthetic_small, tmp_path, monkeypatch):
@@ -117,9 +115,9 @@ def test_denoise_refuses_bad_input_before_any_work(synthetic_small, monkeypatch)
     genes = FIT_GENES[:3]
     with pytest.raises(PixgeneInputError, match="n_folds"):
         pg.tl.denoise(synthetic_small, genes=genes, n_folds=1)
-    with pytest.raises(PixgeneInputError, match="does not pass to pg.tl.fit: epochs"):
+    with pytest.raises(PixgeneInputError, match="does not pass on to its fits: epochs"):
         pg.tl.denoise(synthetic_small, genes=genes, epochs=3)
-    with pytest.raises(PixgeneInputError, match="denoise sets feature_cache itself"):
+    with pytest.raises(PixgeneInputError, match="feature_cache.*denoise sets the slides, keys"):
         pg.tl.denoise(synthetic_small, genes=genes, feature_cache="x")
     with pytest.raises(PixgeneInputError, match="fewer than n_folds"):
         pg.tl.denoise(synthetic_small, genes=genes, block_um=5000.0)
@@ -151,3 +149,41 @@ def test_gamma_poisson_posterior_matches_numerical_integration_and_shrinks_the_e
     # a prediction the counts only scatter around by Poisson noise is (nearly) kept as it is
     exact, inv = gamma_poisson_posterior(rng.poisson(mu[:, :1]), mu[:, :1])
     assert inv[0] < 0.01 and np.abs(exact / mu[:, :1] - 1).max() < 0.2
+
+
+def test_denoise_never_changes_the_model_a_slide_remembers_and_frees_its_fold_models(monkeypatch):
+    """After ``denoise(a, train_with=[b])``, ``predict_dense(b)`` uses the model the user fitted on ``b`` (a slide
+    the user never fitted on refuses, naming the fix), and the folds' models are gone once collected."""
+    import gc
+    import weakref
+
+    import pixgene.train
+
+    genes = FIT_GENES[:2]
+    quick = {"max_epochs": 1, "n_members": 1, "decoder": pg.tl.DecoderConfig(width=8),
+             "training": pg.tl.TrainConfig(n_views=1, tile_context_px=0)}
+    a = pg.datasets.synthetic(seed=3, size_um=320.0)
+    b = pg.datasets.synthetic(seed=5, size_um=320.0)
+    c = pg.datasets.synthetic(seed=6, size_um=320.0)
+    own = pg.tl.fit(b, genes=genes, progress=False, random_state=11, **quick)
+    folds, engine = [], pixgene.train.fit_model
+
+    def recorded(*args, **kwargs):
+        model = engine(*args, **kwargs)
+        folds.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(pixgene.train, "fit_model", recorded)
+    pg.tl.denoise(a, genes=genes, n_folds=2, block_um=100.0, train_with=[b, c], progress=False, **quick)
+    assert len(folds) == 2 and own.model_id not in {r().model_id for r in folds if r() is not None}
+    pg.tl.predict_dense(b, um_per_px=8.0, progress=False)
+    assert b.attrs["pixgene"]["dense"]["he_pixgene"]["model_id"] == own.model_id
+    with pytest.raises(PixgeneInputError, match="none was fitted on this SpatialData"):
+        pg.tl.predict_dense(c, um_per_px=8.0, progress=False)
+    gc.collect()
+    assert [r() for r in folds] == [None, None]
+    # a remembered model lives as long as its slide, no longer
+    mine = weakref.ref(own)
+    del own, b
+    gc.collect()
+    assert mine() is None

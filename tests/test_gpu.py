@@ -45,8 +45,7 @@ def test_fit_on_cuda_is_reproducible_and_its_map_matches_the_cpus(synthetic_smal
     def fitted():
         sdata = deepcopy(synthetic_small_session)
         # float32: the comparison with the CPU below is about the device, not bfloat16's rounding
-        model = pg.tl.fit(sdata, genes=FIT_GENES, max_epochs=2, n_views=2, width=16, progress=False,
-                          precision="32", random_state=0)
+        model = pg.tl.fit(sdata, genes=FIT_GENES, max_epochs=2, progress=False, precision='32', random_state=0, decoder=pg.tl.DecoderConfig(width=16), training=pg.tl.TrainConfig(n_views=2))
         return sdata, model
 
     sdata, first = fitted()
@@ -71,8 +70,7 @@ def test_fine_tuned_mse_fit_on_cuda_calibrates_and_predicts(synthetic_small):
     outputs with the encoder again: both on the GPU."""
     from conftest import FIT_GENES
 
-    model = pg.tl.fit(synthetic_small, genes=FIT_GENES[:3], max_epochs=1, n_views=1, width=8, finetune_levels=1,
-                      loss_weights={"count": 0.0, "mse": 1.0, "pearson": 0.0}, progress=False)
+    model = pg.tl.fit(synthetic_small, genes=FIT_GENES[:3], max_epochs=1, progress=False, decoder=pg.tl.DecoderConfig(width=8), training=pg.tl.TrainConfig(n_views=1, finetune_levels=1, loss_weights={'count': 0.0, 'mse': 1.0, 'pearson': 0.0}))
     assert np.isfinite(model.training["scale_factor"]) and model.training["scale_factor"] > 0
     assert next(model.module.parameters()).device.type == "cpu"
     pg.tl.predict_dense(synthetic_small, model, key_added="tuned", device="cuda", progress=False)
@@ -84,8 +82,7 @@ def test_vit_encoder_fit_on_cuda_and_its_map_matches_the_cpus(synthetic_small):
     """The ViT path (patch grids resampled into a pyramid) trains and predicts on the GPU as on the CPU."""
     from conftest import FIT_GENES
 
-    model = pg.tl.fit(synthetic_small, genes=FIT_GENES[:3], encoder="vit_tiny_patch16_224", encoder_weights=None,
-                      max_epochs=1, n_views=1, width=8, precision="32", progress=False)
+    model = pg.tl.fit(synthetic_small, genes=FIT_GENES[:3], encoder='vit_tiny_patch16_224', encoder_weights=None, max_epochs=1, precision='32', progress=False, decoder=pg.tl.DecoderConfig(width=8), training=pg.tl.TrainConfig(n_views=1))
     pg.tl.predict_dense(synthetic_small, model, key_added="vit_cuda", device="cuda", progress=False)
     pg.tl.predict_dense(synthetic_small, model, key_added="vit_cpu", device="cpu", progress=False)
     gpu = full_resolution(synthetic_small.images["vit_cuda"]).values

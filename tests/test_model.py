@@ -207,7 +207,7 @@ def test_same_seed_same_model(synthetic_small):
 
     import pixgene as pg
 
-    kwargs = dict(genes=FIT_GENES[:3], max_epochs=1, n_views=1, width=16, progress=False, random_state=7)
+    kwargs = dict(genes=FIT_GENES[:3], max_epochs=1, progress=False, random_state=7, decoder=pg.tl.DecoderConfig(width=16), training=pg.tl.TrainConfig(n_views=1))
     a = pg.tl.fit(synthetic_small, **kwargs)
     b = pg.tl.fit(synthetic_small, **kwargs)
     assert a.model_id == b.model_id
@@ -222,8 +222,7 @@ def test_finetuned_encoder_is_trained_saved_and_restored(synthetic_small, tmp_pa
     import pixgene as pg
     from pixgene.nn._encoders import build_encoder
 
-    model = pg.tl.fit(synthetic_small, genes=FIT_GENES[:3], max_epochs=1, n_views=1, width=16, progress=False,
-                      random_state=1, finetune_levels=1)
+    model = pg.tl.fit(synthetic_small, genes=FIT_GENES[:3], max_epochs=1, progress=False, random_state=1, decoder=pg.tl.DecoderConfig(width=16), training=pg.tl.TrainConfig(n_views=1, finetune_levels=1))
     pristine = build_encoder("efficientnet_lite0").state_dict()
     tuned = model.module.encoder.state_dict()
     changed = sorted(k for k in pristine if not torch.equal(pristine[k], tuned[k]))
@@ -237,8 +236,7 @@ def test_finetuned_encoder_is_trained_saved_and_restored(synthetic_small, tmp_pa
     tile = np.random.default_rng(0).random((3, 256, 256), dtype=np.float32)
     np.testing.assert_array_equal(model.predict_intensity(tile), again.predict_intensity(tile))
     # a frozen fit keeps the pristine encoder and saves none of it
-    frozen = pg.tl.fit(synthetic_small, genes=FIT_GENES[:3], max_epochs=1, n_views=1, width=16, progress=False,
-                       random_state=1)
+    frozen = pg.tl.fit(synthetic_small, genes=FIT_GENES[:3], max_epochs=1, progress=False, random_state=1, decoder=pg.tl.DecoderConfig(width=16), training=pg.tl.TrainConfig(n_views=1))
     assert frozen.finetuned == []
     assert all(torch.equal(pristine[k], v) for k, v in frozen.module.encoder.state_dict().items())
 
@@ -567,7 +565,7 @@ def test_fit_leaves_torchs_global_switches_as_it_found_them(synthetic_small):
     torch.backends.cudnn.benchmark = True
     try:
         assert not torch.are_deterministic_algorithms_enabled()
-        pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], max_epochs=1, n_views=1, width=8, progress=False)
+        pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], max_epochs=1, progress=False, decoder=pg.tl.DecoderConfig(width=8), training=pg.tl.TrainConfig(n_views=1))
         assert not torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.benchmark is True
         assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == cublas
@@ -598,8 +596,7 @@ def test_fit_skips_batches_without_training_spots_without_a_warning(synthetic_sm
     monkeypatch.setattr(PixNetTrainingPlan, "training_step", counted)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], max_epochs=1, n_views=1, width=8, n_members=1,
-                  batch_size=1, val_fraction=0.8, progress=False)
+        pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], max_epochs=1, n_members=1, progress=False, decoder=pg.tl.DecoderConfig(width=8), training=pg.tl.TrainConfig(n_views=1, batch_size=1, val_fraction=0.8))
     assert any(steps) and not all(steps)  # some steps were skipped, others trained
     assert not [w for w in caught if "training_step" in str(w.message)]
 
@@ -732,9 +729,7 @@ def test_vit_fit_on_token_grids_matches_a_fit_on_the_cached_pyramid(synthetic_sm
     from pixgene.nn._encoders import ViTEncoder
 
     def fitted():
-        return pg.tl.fit(deepcopy(synthetic_small_session), genes=FIT_GENES[:3], encoder="vit_tiny_patch16_224",
-                         encoder_weights=None, max_epochs=2, n_views=2, width=8, progress=False, random_state=0,
-                         tile_context_px=0)  # the token grids are cached without context: the pyramid alike
+        return pg.tl.fit(deepcopy(synthetic_small_session), genes=FIT_GENES[:3], encoder='vit_tiny_patch16_224', encoder_weights=None, max_epochs=2, progress=False, random_state=0, decoder=pg.tl.DecoderConfig(width=8), training=pg.tl.TrainConfig(n_views=2, tile_context_px=0))  # the token grids are cached without context: the pyramid alike
 
     on_grids = fitted()
     monkeypatch.setattr(ViTEncoder, "compact_is_pyramid", True)
@@ -790,7 +785,7 @@ def test_precision_is_recorded_saved_and_validated(synthetic_small, tmp_path, mo
 
     with pytest.raises(PixgeneInputError, match="precision"):
         pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], precision="fp16", progress=False)
-    kwargs = dict(genes=FIT_GENES[:2], max_epochs=1, n_views=1, width=16, progress=False)
+    kwargs = dict(genes=FIT_GENES[:2], max_epochs=1, progress=False, decoder=pg.tl.DecoderConfig(width=16), training=pg.tl.TrainConfig(n_views=1))
     model = pg.tl.fit(synthetic_small, precision="bf16", **kwargs)
     assert model.decoder_config["precision"] == model.module.precision == "bf16"
     model.save(tmp_path / "m")
@@ -852,8 +847,7 @@ def test_fit_on_two_platforms_learns_each_slides_capture_efficiency():
     visium = pg.datasets.synthetic(seed=3, size_um=1024.0)
     st = pg.datasets.synthetic(seed=3, size_um=1024.0, spot_diameter_um=100.0, spot_pitch_um=200.0,
                                counts_scale=0.4)
-    model = pg.tl.fit([visium, st], genes=genes, n_views=1, width=8, max_epochs=15, n_members=1, progress=False,
-                      random_state=0)
+    model = pg.tl.fit([visium, st], genes=genes, max_epochs=15, n_members=1, progress=False, random_state=0, decoder=pg.tl.DecoderConfig(width=8), training=pg.tl.TrainConfig(n_views=1))
     eff = np.asarray(model.training["capture_efficiency"])
     assert eff.shape == (2,) and np.log(eff).sum() == pytest.approx(0.0, abs=1e-5)
     assert [s["spot_diameter_um"] for s in model.training["slides"]] == [55.0, 100.0]
@@ -876,7 +870,7 @@ def test_fit_resumes_from_member_checkpoints_to_the_same_model(synthetic_small, 
     import pixgene as pg
     import pixgene.train._plan as train_module
 
-    kwargs = dict(genes=FIT_GENES[:3], max_epochs=2, n_views=1, width=8, progress=False, random_state=2)
+    kwargs = dict(genes=FIT_GENES[:3], max_epochs=2, progress=False, random_state=2, decoder=pg.tl.DecoderConfig(width=8), training=pg.tl.TrainConfig(n_views=1))
     whole = pg.tl.fit(synthetic_small, n_members=2, **kwargs)
     real_train, calls = train_module.train, []
 
@@ -925,8 +919,7 @@ def test_fit_shares_encoded_tiles_through_a_feature_cache(synthetic_small, tmp_p
     from pixgene.nn._pixnet import PixNetModule
     from pixgene.train._feature_cache import FeatureCache
 
-    kwargs = dict(genes=FIT_GENES[:3], max_epochs=2, n_views=2, width=8, progress=False, random_state=4,
-                  n_members=1)
+    kwargs = dict(genes=FIT_GENES[:3], max_epochs=2, progress=False, random_state=4, n_members=1, decoder=pg.tl.DecoderConfig(width=8), training=pg.tl.TrainConfig(n_views=2))
     cache = tmp_path / "features"
     plain = pg.tl.fit(synthetic_small, **kwargs)
     first = pg.tl.fit(synthetic_small, feature_cache=cache, **kwargs)
@@ -965,7 +958,7 @@ def test_fit_shares_encoded_tiles_through_a_feature_cache(synthetic_small, tmp_p
     with pytest.raises(PixgeneInputError, match="is not readable"):
         broken.load(1, 1, [1])
     with pytest.raises(PixgeneInputError, match="finetune_levels"):
-        pg.tl.fit(synthetic_small, feature_cache=cache, finetune_levels=1, **kwargs)
+        pg.tl.fit(synthetic_small, feature_cache=cache, **kwargs, training=pg.tl.TrainConfig(finetune_levels=1))
     (tmp_path / "file").write_text("x")
     with pytest.raises(PixgeneInputError, match="is a file"):
         pg.tl.fit(synthetic_small, feature_cache=tmp_path / "file", **kwargs)
@@ -977,7 +970,7 @@ def test_fit_trains_members_apart_and_predicts_their_mean(synthetic_small, tmp_p
     import pixgene as pg
     from pixgene.tl import PixNet
 
-    kwargs = dict(genes=FIT_GENES[:3], max_epochs=2, n_views=1, width=16, progress=False, random_state=5)
+    kwargs = dict(genes=FIT_GENES[:3], max_epochs=2, progress=False, random_state=5, decoder=pg.tl.DecoderConfig(width=16), training=pg.tl.TrainConfig(n_views=1))
     single = pg.tl.fit(synthetic_small, n_members=1, **kwargs)
     pair = pg.tl.fit(synthetic_small, n_members=2, **kwargs)
     assert pair.decoder_config["members"] == 2 and single.decoder_config["members"] == 1
@@ -1036,14 +1029,14 @@ def test_n_members_is_validated_and_fine_tuning_trains_one(synthetic_small):
         with pytest.raises(PixgeneInputError, match="n_members"):
             pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], n_members=bad, progress=False)
     with pytest.raises(PixgeneInputError, match="n_members"):
-        pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], n_members=2, finetune_levels=1, progress=False)
+        pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], n_members=2, progress=False, training=pg.tl.TrainConfig(finetune_levels=1))
     for bad in (-32, 1.5, True, 100):
         with pytest.raises(PixgeneInputError, match="tile_context_px"):
-            pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], tile_context_px=bad, progress=False)
+            pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], progress=False, training=pg.tl.TrainConfig(tile_context_px=bad))
     with pytest.raises(PixgeneInputError, match="tile_context_px"):
-        pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], tile_context_px=64, finetune_levels=1, progress=False)
-    kwargs = dict(genes=FIT_GENES[:2], max_epochs=1, n_views=1, width=16, n_members=1, progress=False)
-    plain, wide = (pg.tl.fit(synthetic_small, tile_context_px=c, **kwargs) for c in (0, 64))
+        pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], progress=False, training=pg.tl.TrainConfig(tile_context_px=64, finetune_levels=1))
+    kwargs = dict(genes=FIT_GENES[:2], max_epochs=1, n_members=1, progress=False, decoder=pg.tl.DecoderConfig(width=16), training=pg.tl.TrainConfig(n_views=1))
+    plain, wide = (pg.tl.fit(synthetic_small, **kwargs, training=pg.tl.TrainConfig(tile_context_px=c)) for c in (0, 64))
     assert plain.training["params"]["tile_context_px"] == 0 and wide.training["params"]["tile_context_px"] == 64
     assert plain.model_id != wide.model_id  # the same tiles and views, other features
 
@@ -1171,8 +1164,7 @@ def test_fit_on_fewer_than_ten_spots_trains_every_epoch_without_validation(synth
     t = synthetic_small.tables["table"]
     rows = t.obs[t.uns["spatialdata_attrs"]["instance_key"]].isin(keep).to_numpy()
     synthetic_small.tables["table"] = t[rows].copy()
-    model = pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], max_epochs=3, n_views=1, width=8, n_members=1,
-                      progress=False)
+    model = pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], max_epochs=3, n_members=1, progress=False, decoder=pg.tl.DecoderConfig(width=8), training=pg.tl.TrainConfig(n_views=1))
     assert model.training["best_val_loss"] is None
     assert model.training["epochs_run"] == 3 and model.training["best_epoch"] == 2
     assert [h["epoch"] for h in model.history] == [0, 1, 2]

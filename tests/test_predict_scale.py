@@ -146,8 +146,7 @@ def test_coarse_image_is_encoded_at_its_own_um_per_px(tmp_path):
     assert working_um_per_px(0.5, [0.73]) == 0.73
     assert working_um_per_px(1.0, [4.46], requested=2.0) == 2.0
     sdata = pg.datasets.synthetic(seed=3, size_um=640.0, um_per_px=2.0)
-    model = pg.tl.fit(sdata, genes=["GENE00", "GENE01"], decoder="conv", width=8, max_epochs=1, n_views=1,
-                      precision="32", progress=False)
+    model = pg.tl.fit(sdata, genes=['GENE00', 'GENE01'], max_epochs=1, precision='32', progress=False, decoder=pg.tl.DecoderConfig(block='conv', width=8), training=pg.tl.TrainConfig(n_views=1))
     assert model.encoder_um_per_px == 2.0 and model.out_um_per_px == 8.0
     model.save(tmp_path / "m")
     assert PixNet.load(tmp_path / "m").encoder_um_per_px == 2.0
@@ -497,8 +496,7 @@ def test_smooth_window_model_is_saved_restored_and_tiles_like_one_pass(synthetic
     from pixgene.nn._decoder import WindowAttention
     from pixgene.tl import PixNet
 
-    model = pg.tl.fit(synthetic_small, genes=["GENE00", "GENE01"], max_epochs=1, n_views=1, width=16,
-                      smooth_windows=True, precision="32", progress=False, random_state=0)
+    model = pg.tl.fit(synthetic_small, genes=['GENE00', 'GENE01'], max_epochs=1, precision='32', progress=False, random_state=0, decoder=pg.tl.DecoderConfig(width=16, smooth_windows=True), training=pg.tl.TrainConfig(n_views=1))
     attention = [m for m in model.module.modules() if isinstance(m, WindowAttention)]
     assert attention and all(m.smooth for m in attention)
     model.save(tmp_path / "m")

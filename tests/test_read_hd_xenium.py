@@ -244,8 +244,7 @@ def test_read_visium_hd_hires_and_zarr(hd_folder, tmp_path):
 
 
 #: the smallest training that still runs every step of fit on the readers' output
-FAST_FIT = {"max_epochs": 1, "n_views": 1, "width": 8, "n_members": 1, "progress": False,
-            "standardize_features": False, "tile_context_px": 0}
+FAST_FIT = {'max_epochs': 1, 'n_members': 1, 'progress': False, 'decoder': pg.tl.DecoderConfig(width=8, standardize_features=False), 'training': pg.tl.TrainConfig(n_views=1, tile_context_px=0)}
 
 
 def test_fit_trains_on_hd_bins(hd_folder):

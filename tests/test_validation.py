@@ -13,7 +13,7 @@ GENES = ["GENE00", "GENE01"]
 
 
 def _fit(sdata, **kw):
-    return pg.tl.fit(sdata, genes=kw.pop("genes", GENES), max_epochs=1, n_views=1, width=16, progress=False, **kw)
+    return pg.tl.fit(sdata, genes=kw.pop('genes', GENES), max_epochs=1, progress=False, **kw, decoder=pg.tl.DecoderConfig(width=16), training=pg.tl.TrainConfig(n_views=1))
 
 
 def _elements(sdata):

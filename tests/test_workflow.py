@@ -115,3 +115,58 @@ def test_predict_dense_standardises_with_the_predicted_slides_own_statistics(fit
                             encoder_weights=model.encoder_weights,
                             decoder_config={**model.decoder_config, "standardize": True})
     assert np.abs(dense(training, "training") - own).max() > 1e-3 * own.max()
+
+
+def test_fit_without_genes_chooses_what_select_genes_chooses_and_marks_them(synthetic_small):
+    """No genes given and none selected: fit picks pg.pp.select_genes' defaults on its training slides, marks
+    them in the table as select_genes would, and says so in the log."""
+    from spatialdata import deepcopy
+
+    reference = deepcopy(synthetic_small)
+    want = pg.pp.select_genes(reference)
+    assert "pixgene_selected" not in synthetic_small.tables["table"].var
+    model = pg.tl.fit(synthetic_small, max_epochs=1, n_members=1, progress=False,
+                      decoder=pg.tl.DecoderConfig(width=8), training=pg.tl.TrainConfig(n_views=1, tile_context_px=0))
+    assert model.genes == want and len(want) == 40  # every gene of this small panel is detected
+    var = synthetic_small.tables["table"].var
+    assert var.index[var["pixgene_selected"]].tolist() == reference.tables["table"].var.index[
+        reference.tables["table"].var["pixgene_selected"]].tolist()
+    assert synthetic_small.attrs["pixgene"]["model"]["genes"] == want
+
+
+def cell_integrals_by_sampling(sdata, dense_key: str, cells_key: str, ids, sub: int = 8) -> np.ndarray:
+    """Each cell's expected counts by counting ``sub x sub`` samples per map pixel inside its polygon
+    (shapely point-in-polygon, in the map's own pixels), times the sample's area in um^2."""
+    import shapely
+
+    from pixgene._core.units import recorded_um_per_px
+
+    lam = np.asarray(full_resolution(sdata.images[dense_key]).values)
+    um = recorded_um_per_px(sdata, dense_key)
+    to_map = np.linalg.inv(affine_between(sdata, dense_key, cells_key))
+    out = []
+    for poly in sdata.shapes[cells_key].geometry.loc[list(ids)]:
+        poly = shapely.affinity.affine_transform(poly, [*to_map[:2, :2].ravel(), *to_map[:2, 2]])
+        x0, y0, x1, y1 = (int(np.floor(v)) for v in poly.bounds[:2]) + tuple(int(np.ceil(v)) for v in poly.bounds[2:])
+        ys, xs = np.mgrid[y0 * sub:y1 * sub, x0 * sub:x1 * sub]
+        px, py = (xs + 0.5) / sub, (ys + 0.5) / sub
+        inside = shapely.contains_xy(poly, px, py)
+        iy, ix = np.floor(py[inside]).astype(int), np.floor(px[inside]).astype(int)
+        out.append(lam[:, iy, ix].sum(1) * (um / sub) ** 2)
+    return np.array(out)
+
+
+@pytest.mark.slow
+def test_the_design_cards_calls_run_verbatim_on_a_fresh_synthetic_slide():
+    """``fit(sdata)``, ``predict_dense(sdata)``, ``aggregate(sdata, shapes="cells")`` with no other argument:
+    finite read-outs that equal the map's integral over the cells (by point sampling)."""
+    sdata = pg.datasets.synthetic(seed=1, size_um=640.0)
+    pg.tl.fit(sdata)
+    pg.tl.predict_dense(sdata)
+    cells = pg.tl.aggregate(sdata, shapes="cells")
+    X = np.asarray(cells.X)
+    assert np.isfinite(X).all() and (X >= 0).all() and cells.n_vars == len(sdata.attrs["pixgene"]["model"]["genes"])
+    ids = cells.obs["instance_id"].to_numpy()[:: max(1, cells.n_obs // 25)]
+    want = cell_integrals_by_sampling(sdata, "he_pixgene", "cells", ids)
+    got = X[:: max(1, cells.n_obs // 25)]
+    np.testing.assert_allclose(got.sum(1), want[:, : cells.n_vars].sum(1), rtol=0.03)

@@ -138,7 +138,7 @@ def _predict(args: argparse.Namespace) -> int:
         from PIL import Image
 
         from ._core.units import record_um_per_px
-        from .io._build import parse_rgb_image
+        from .data import parse_rgb_image
 
         if args.image_um_per_px is None:
             print("--image-um-per-px is required for an image file", file=sys.stderr)

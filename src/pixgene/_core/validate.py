@@ -91,3 +91,26 @@ def check_positive(value: float | None, name: str, element: str, fix: str | None
     number = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
     if value is not None and not (number and np.isfinite(value) and value > 0):
         fail(element, f"{name}={value!r} is not a positive number", fix or f"Pass a positive {name}.")
+
+
+def check_int(value: Any, name: str, *, minimum: int | None = None, allow_none: bool = False,
+              fix: str | None = None) -> int | None:
+    """An integer (Python or numpy, never a bool) of at least ``minimum``; returned as a Python ``int``."""
+    if value is None and allow_none:
+        return None
+    integer = isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+    if not integer or (minimum is not None and value < minimum):
+        what = "an integer" if minimum is None else f"an integer of at least {minimum}"
+        fail(name, f"{value!r} is not {what}", fix or f"Pass {name}={max(minimum or 0, 1)} or another integer")
+    return int(value)
+
+
+def check_fraction(value: Any, name: str, *, low: float = 0.0, high: float = 1.0, closed_low: bool = True,
+                   fix: str | None = None) -> float:
+    """A real number in ``[low, high)`` (``(low, high)`` with ``closed_low=False``); returned as a float."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    inside = number and (low <= value if closed_low else low < value) and value < high
+    if not inside:
+        interval = f"{'[' if closed_low else '('}{low:g}, {high:g})"
+        fail(name, f"{value!r} is not in {interval}", fix or f"Pass a number in {interval}")
+    return float(value)

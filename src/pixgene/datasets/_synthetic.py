@@ -1296,8 +1296,8 @@ def _assemble(
     from spatialdata.transformations import Scale, Sequence
 
     from .._core.coords import transformations_of
-    from ..data._geometry import circle_weights
-    from ..io._build import build_spot_sdata
+    from ..data import circle_weights
+    from ..data import build_spot_sdata
 
     rows, cols, centres_um = _spot_grid(layout["size_um"], spot_pitch_um, spot_diameter_um)
     keep = shapely.contains_xy(layout["tissue"], centres_um[:, 0], centres_um[:, 1])
@@ -1372,7 +1372,7 @@ def _add_bins(sdata, rng, *, truth, layout, gene_names, bins_um, um_per_px, trut
     from spatialdata.models import ShapesModel, TableModel
 
     from .._core.coords import transformations_of
-    from ..data._geometry import polygon_weights
+    from ..data import polygon_weights
 
     n = int(np.floor(layout["size_um"] / bins_um + 1e-9))
     rows, cols = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")

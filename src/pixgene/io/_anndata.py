@@ -9,7 +9,7 @@ import numpy as np
 
 from .._core.keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, UNS_KEY
 from .._core.validate import check_positive, fail
-from ._build import build_spot_sdata
+from ..data import build_spot_sdata
 from ._st import check_spots_in_image, unique_names
 from ._visium import VISIUM_SPOT_DIAMETER_UM
 

@@ -130,7 +130,7 @@ def read_image(
 def build_image_element(levels: list[Any], *, chunks: int = 1024) -> Any:
     """(3, y, x) arrays, finest first, to an Image2DModel element with identity ``global``.
 
-    A single array is parsed by :func:`pixgene.io._build.parse_rgb_image` (a lazily computed pyramid when
+    A single array is parsed by :func:`pixgene.data._build.parse_rgb_image` (a lazily computed pyramid when
     large); several become the scales of a multiscale ``DataTree`` as they are, each level scaled to the
     first by the ratio of their shapes.
     """
@@ -139,7 +139,7 @@ def build_image_element(levels: list[Any], *, chunks: int = 1024) -> Any:
     from spatialdata.transformations import Identity, set_transformation
     from xarray import DataArray, Dataset, DataTree
 
-    from ._build import parse_rgb_image
+    from ..data import parse_rgb_image
 
     arrays = [a if isinstance(a, da.Array) else da.from_array(a, chunks=(3, chunks, chunks)) for a in levels]
     if len(arrays) == 1:

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from .._core.keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, UNS_KEY
 from .._core.units import derive_um_per_px, validate_um_per_px
 from .._core.validate import check_positive, fail
-from ._build import build_spot_sdata
+from ..data import build_spot_sdata
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import pandas as pd
 from .._core.keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, UNS_KEY
 from .._core.units import validate_um_per_px
 from .._core.validate import check_positive, fail
-from ._build import build_spot_sdata
+from ..data import build_spot_sdata
 from ._st import check_spots_in_image
 
 logger = logging.getLogger(__name__)

@@ -143,7 +143,7 @@ def read_visium_hd(
         fullres_image_file=image_file if resolution == "fullres" else None,
     )
     pixels, transformations = _image(sdata_io, dataset_id, resolution, image_file)
-    from ._build import parse_rgb_image
+    from ..data import parse_rgb_image
 
     img = parse_rgb_image(pixels, name=image_key, transformations=transformations)
     shape_yx = tuple(int(n) for n in pixels.shape[-2:])

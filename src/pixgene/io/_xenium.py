@@ -134,7 +134,7 @@ def read_xenium(
     from spatialdata import SpatialData
     from spatialdata.transformations import Affine
 
-    from ._build import parse_rgb_image
+    from ..data import parse_rgb_image
     from ._visium_hd import polygon_shapes, polygons_with_table, transformations_of_image
 
     img = parse_rgb_image(

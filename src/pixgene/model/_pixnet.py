@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .._core.keys import TOTAL_CHANNEL
+from .._core.keys import TOTAL_CHANNEL, UNS_KEY
 from .._core.validate import fail
 from .._core.version import __version__
 
@@ -21,19 +21,32 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 2
 
-# fit() remembers its model per SpatialData so predict_dense can follow without passing it again
-_LAST_MODEL: dict[int, tuple[weakref.ref, PixNet]] = {}
+#: the model ``pg.tl.fit`` made for each SpatialData, held only as long as that SpatialData lives
+_FITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def remember_model(sdata: Any, model: PixNet) -> None:
-    _LAST_MODEL[id(sdata)] = (weakref.ref(sdata), model)
+    """Let ``predict_dense(sdata)`` follow a fit without ``model=``, and record the model in ``sdata.attrs``."""
+    _FITTED[sdata] = model
+    record = dict(sdata.attrs.get(UNS_KEY, {}))
+    record["model"] = {"model_id": model.model_id, "genes": list(model.genes),
+                       "encoder": model.encoder_config.get("name")}
+    sdata.attrs[UNS_KEY] = record
 
 
 def last_model(sdata: Any) -> PixNet | None:
-    entry = _LAST_MODEL.get(id(sdata))
-    if entry is None or entry[0]() is not sdata:
-        return None
-    return entry[1]
+    """The model fitted on ``sdata`` in this session, else the saved one its ``attrs`` point to, else None."""
+    model = _FITTED.get(sdata)
+    if model is not None:
+        return model
+    record = (getattr(sdata, "attrs", None) or {}).get(UNS_KEY, {}).get("model", {})
+    path = record.get("path")
+    if path and Path(path, CONFIG_FILE).is_file():
+        model = PixNet.load(path)
+        if model.model_id == record.get("model_id"):
+            logger.info("using the model saved at %s (recorded in sdata.attrs)", path)
+            return model
+    return None
 
 
 class PixNet:
@@ -116,7 +129,7 @@ class PixNet:
         """
         import torch
 
-        from ..data._augment import TTA_TRANSFORMS, dihedral, dihedral_inverse
+        from ..data import TTA_TRANSFORMS, dihedral, dihedral_inverse
 
         check_tta(tta)
         single = tiles.ndim == 3
@@ -222,6 +235,11 @@ class PixNet:
         state = {k: v.detach().cpu().contiguous() for k, v in self._trained_state().items()}
         save_file(state, str(path / WEIGHTS_FILE), metadata={"model_id": self.model_id})
         (path / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2, default=json_default))
+        for sdata, model in list(_FITTED.items()):
+            if model is self:  # slides this model was fitted on now say where it lives
+                record = dict(sdata.attrs.get(UNS_KEY, {}))
+                record["model"] = {**record.get("model", {}), "path": str(path.resolve())}
+                sdata.attrs[UNS_KEY] = record
         logger.info("saved %r to %s", self, path)
         return path
 
@@ -320,8 +338,8 @@ def build_module(
     encoder: Any = None,
 ):
     """PixNetModule with a frozen encoder (built from its config unless given) and a fresh decoder."""
-    from ..nn._encoders import build_encoder
-    from ..nn._pixnet import PixNetModule
+    from ..nn import build_encoder
+    from ..nn import PixNetModule
 
     if encoder is None:
         encoder = build_encoder(**encoder_config, weights=encoder_weights)
@@ -344,7 +362,7 @@ def json_default(obj: Any):
 def check_tta(tta: Any) -> None:
     """Fail unless ``tta`` is a number of test-time transforms pixgene takes (1, 2, 4 or 8)."""
     from .._core.validate import fail
-    from ..data._augment import TTA_CHOICES
+    from ..data import TTA_CHOICES
 
     if isinstance(tta, bool) or not isinstance(tta, int | np.integer) or tta not in TTA_CHOICES:
         fail("tta", f"{tta!r} is not a number of test-time transforms",

@@ -7,8 +7,8 @@ import logging
 
 import numpy as np
 
-from ..data._reader import SlideReader
-from ..data._training import TrainingCache
+from ..data import SlideReader
+from ..data import TrainingCache
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def slide_feature_stats(
     import torch
 
     from .._core.validate import fail
-    from ..data._mask import tissue_mask
+    from ..data import tissue_mask
 
     mask, mask_factor = mask if mask is not None else tissue_mask(sdata, image_key, image_um_per_px=image_um)
     corners = stats_tile_corners(mask, mask_factor, reader, tile, n_tiles, seed)
@@ -141,7 +141,7 @@ def standardize_cache(cache: TrainingCache, stats: list[tuple[dict, dict]]) -> N
     """
     import torch
 
-    from ..nn._decoder import inverse_std
+    from ..nn import inverse_std
 
     slide_of = np.array([views[0].slide for views in cache.views])
     with torch.inference_mode():  # the cache was written in inference mode

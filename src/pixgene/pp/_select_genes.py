@@ -15,13 +15,15 @@ from .._core.validate import check_raw_counts, fail, require_element
 logger = logging.getLogger(__name__)
 
 SELECTED_VAR = "pixgene_selected"
+#: genes selected when ``n_top`` is not given (fewer when fewer are eligible)
+DEFAULT_N_TOP = 50
 
 
 def select_genes(
     sdata: Any,
     *,
     table_key: str = TABLE_KEY,
-    n_top: int = 50,
+    n_top: int | None = None,
     flavor: str = "hvg",
     min_fraction: float = 0.1,
     key_added: str = SELECTED_VAR,
@@ -36,7 +38,7 @@ def select_genes(
     table_key
         Table of raw counts.
     n_top
-        Number of genes.
+        Number of genes; default 50, or every eligible gene when fewer than 50 are (a small panel).
     flavor
         ``"hvg"``: highly variable genes of log-normalised expression (scanpy's ``seurat`` flavour, slides as
         batches); ``"mean"``: highest mean log-normalised expression.
@@ -65,7 +67,7 @@ def select_genes(
         common = common.intersection(t.var_names)
     if len(common) == 0:
         fail(f"tables {table_key!r}", "the slides share no gene names", "Use slides of one species and id type")
-    if not 0 < n_top <= len(common):
+    if n_top is not None and not 0 < n_top <= len(common):
         fail("n_top", f"{n_top} is not between 1 and the {len(common)} shared genes", "Choose a smaller n_top")
     parts = []
     for t in tables:
@@ -77,6 +79,8 @@ def select_genes(
     pooled = ad.concat(parts, label="slide", index_unique="-")
     detected = np.asarray((sp.csr_matrix(pooled.X) > 0).mean(0)).ravel()
     eligible = detected >= min_fraction
+    if n_top is None:
+        n_top = int(min(DEFAULT_N_TOP, eligible.sum())) or DEFAULT_N_TOP
     if eligible.sum() < n_top:
         fail("min_fraction", f"only {int(eligible.sum())} genes are detected in {min_fraction:.0%} of spots",
              "Lower min_fraction or n_top")

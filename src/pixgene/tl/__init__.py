@@ -1,6 +1,7 @@
 """Tools: fit PixNet, predict dense maps, read them out over shapes, and score them."""
 
-from ..model._pixnet import PixNet
+from ..model import DecoderConfig, TrainConfig
+from ..model import PixNet
 from ._aggregate import aggregate
 from ._baselines import colour_control
 from ._denoise import denoise
@@ -10,5 +11,5 @@ from ._grid import make_grid
 from ._predict import predict_dense
 from ._segment import segment_cells
 
-__all__ = ["PixNet", "Scores", "aggregate", "colour_control", "denoise", "evaluate", "fit", "make_grid",
+__all__ = ["DecoderConfig", "PixNet", "Scores", "TrainConfig", "aggregate", "colour_control", "denoise", "evaluate", "fit", "make_grid",
            "predict_dense", "segment_cells"]

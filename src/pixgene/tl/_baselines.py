@@ -10,7 +10,7 @@ import numpy as np
 from .._core.keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, TOTAL_CHANNEL, UNS_KEY
 from .._core.units import record_um_per_px
 from .._core.validate import check_genes, check_not_exists
-from ..data._slides import prepare_spot_slide
+from ..data import prepare_spot_slide
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def colour_control(
     from spatialdata.transformations import Scale, Sequence
 
     from .._core.coords import transformations_of
-    from ..data._reader import SlideReader
+    from ..data import SlideReader
 
     key = key_added or f"{image_key}_colour_control"
     check_not_exists(sdata, key, overwrite)

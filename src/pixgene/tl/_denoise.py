@@ -9,7 +9,6 @@ part. The result is a table like :func:`pixgene.tl.aggregate`'s, linked to the s
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -30,11 +29,6 @@ POSTERIOR_LAYER = "pixgene_posterior"
 POSTERIOR_TOTAL_OBS = "pixgene_posterior_total_counts"
 #: default block side, in median nearest-neighbour spot distances
 BLOCK_PITCHES = 4
-#: arguments of :func:`pixgene.tl.fit` that denoise sets itself
-_OWN_FIT_ARGS = {"sdata", "image_key", "shapes_key", "table_key", "genes", "um_per_px", "random_state",
-                 "checkpoint_dir", "feature_cache", "progress"}
-
-
 def denoised_key(shapes_key: str) -> str:
     return f"{shapes_key}_denoised"
 
@@ -93,16 +87,20 @@ def gamma_poisson_posterior(y: np.ndarray, mu: np.ndarray) -> tuple[np.ndarray, 
     return mu * (1.0 + inv_a * y) / (1.0 + inv_a * mu), inv_a
 
 
-def _check_fit_kwargs(fit_kwargs: dict) -> None:
-    from ._fit import fit
+def _check_fit_kwargs(fit_kwargs: dict) -> dict:
+    """The options denoise passes on to its fits, checked as ``pg.tl.fit`` checks them (configs filled in)."""
+    from ._fit import FIT_OPTIONS, check_fit_options
 
-    allowed = set(inspect.signature(fit).parameters) - _OWN_FIT_ARGS
-    unknown = sorted(set(fit_kwargs) - allowed)
+    unknown = sorted(set(fit_kwargs) - set(FIT_OPTIONS))
     if unknown:
-        own = sorted(set(unknown) & _OWN_FIT_ARGS)
-        fix = (f"denoise sets {', '.join(own)} itself (for checkpoint_dir, pass it to denoise)" if own
-               else f"Pass only arguments of pg.tl.fit: {', '.join(sorted(allowed))}")
-        fail("denoise", f"got arguments it does not pass to pg.tl.fit: {', '.join(unknown)}", fix)
+        fail("denoise", f"got arguments it does not pass on to its fits: {', '.join(unknown)}",
+             f"Pass only {', '.join(FIT_OPTIONS)} (denoise sets the slides, keys, genes, seed, checkpoints and "
+             "progress of its fits itself)")
+    checked = {"encoder_um_per_px": None, "n_members": None, "max_epochs": None, "decoder": None,
+               "training": None, "precision": "auto"}
+    checked.update({k: v for k, v in fit_kwargs.items() if k in checked})
+    decoder, training = check_fit_options(**checked)
+    return {**fit_kwargs, "decoder": decoder, "training": training}
 
 
 def _subset(sdata: Any, image_key: str, shapes_key: str, shapes_pos: np.ndarray, table_key: str | None = None,
@@ -246,8 +244,8 @@ def denoise(
     progress
         Progress bars of the fits and predictions.
     **fit_kwargs
-        Passed to every fold's :func:`pixgene.tl.fit` (e.g. ``n_members=1``, ``max_epochs=...``,
-        ``encoder=...``).
+        Options of every fold's fit, as for :func:`pixgene.tl.fit`: ``encoder``, ``encoder_weights``,
+        ``encoder_um_per_px``, ``n_members``, ``max_epochs``, ``decoder``, ``training``, ``precision``.
 
     Returns
     -------
@@ -268,9 +266,10 @@ def denoise(
     from spatialdata.models import TableModel
 
     from .._core.keys import INSTANCE_KEY, REGION_KEY
-    from ..data._slides import linked_table_rows, prepare_spot_slide
+    from ..data import linked_table_rows, prepare_spot_slide
     from ._aggregate import aggregate
-    from ._fit import _as_list, _resolve_genes, counts_with_library, fit
+    from ..train import FitOptions, counts_with_library, fit_model
+    from ._fit import as_list, resolve_genes
     from ._predict import predict_dense
 
     # ---- every check before any work
@@ -279,19 +278,19 @@ def denoise(
     if block_um is not None:
         check_positive(block_um, "block_um", "denoise")
     check_positive(um_per_px, "um_per_px", "denoise")
-    _check_fit_kwargs(fit_kwargs)
+    fit_options = _check_fit_kwargs(fit_kwargs)
     key = key_added or denoised_key(shapes_key)
     check_not_exists(sdata, key, overwrite)
     if checkpoint_dir is not None:
-        from ..train._checkpoint import require_directory
+        from ..train import require_directory
 
         require_directory("checkpoint_dir", checkpoint_dir)
     slide = prepare_spot_slide(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
                                um_per_px=image_um_per_px)
-    others = [] if train_with is None else _as_list(train_with)
+    others = [] if train_with is None else as_list(train_with)
     other_slides = [prepare_spot_slide(o, image_key=image_key, shapes_key=shapes_key, table_key=table_key)
                     for o in others]
-    genes = _resolve_genes(genes, [slide, *other_slides])
+    genes = resolve_genes(genes, [slide, *other_slides])
     shapes = require_element(sdata, shapes_key, "shapes")
     table = sdata.tables[table_key]
     rows = linked_table_rows(table, shapes, table_key=table_key, shapes_key=shapes_key)
@@ -319,7 +318,7 @@ def denoise(
     if checkpoint_dir is not None:
         import pixgene
 
-        from ..train._checkpoint import image_hash, record_fingerprint, slide_digest
+        from ..train import image_hash, record_fingerprint, slide_digest
 
         def digest(s) -> str:
             return slide_digest(image_hash(s.sdata.images[image_key]), s.centers, s.footprint(),
@@ -343,9 +342,12 @@ def denoise(
             train = np.flatnonzero(fold != k)
             train_sdata = _subset(sdata, image_key, shapes_key, shapes_pos[train], table_key, table_rows[train])
             fold_dir = results.directory(k) if results is not None else None
-            model = fit([train_sdata, *others], genes=genes, image_key=image_key, shapes_key=shapes_key,
-                        table_key=table_key, um_per_px=[slide.um_per_px] + [None] * len(others),
-                        random_state=random_state, checkpoint_dir=fold_dir, progress=progress, **fit_kwargs)
+            train_slide = prepare_spot_slide(train_sdata, image_key=image_key, shapes_key=shapes_key,
+                                             table_key=table_key, um_per_px=slide.um_per_px)
+            # the engine, not pg.tl.fit: a fold's model is never remembered for the user's slides
+            model = fit_model([train_slide, *other_slides], genes, FitOptions(
+                image_key=image_key, shapes_key=shapes_key, table_key=table_key, random_state=random_state,
+                checkpoint_dir=fold_dir, progress=progress, **fit_options))
             held_sdata = _subset(sdata, image_key, shapes_key, shapes_pos[held])
             fold_map = f"{image_key}_fold_{k}"  # in the working object only, never in sdata
             predict_dense(held_sdata, model, image_key=image_key, um_per_px=um_per_px,

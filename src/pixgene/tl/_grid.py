@@ -168,7 +168,7 @@ def _bins_within(sdata: Any, within: str | None, image_key: str, centers: np.nda
     if within is None:
         return np.ones(len(centers), dtype=bool)
     if within == "tissue":
-        from ..data._mask import tissue_mask
+        from ..data import tissue_mask
 
         mask, factor = tissue_mask(sdata, image_key)
         i = np.floor(centers[:, 1] / factor).astype(np.int64)

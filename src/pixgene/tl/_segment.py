@@ -11,7 +11,7 @@ import numpy as np
 
 from .._core.keys import CELLS_KEY, IMAGE_KEY, UNS_KEY
 from .._core.validate import check_not_exists, check_positive, fail, require_element
-from ..data import _segment as _dp
+from ..data import expand_cells, hematoxylin, label_polygons, nuclei_threshold, nucleus_mask, split_nuclei
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def segment_cells(
     from .._core.coords import transformations_of
     from .._core.raster import rgb_array
     from .._core.units import resolve_um_per_px
-    from ..data._mask import tissue_mask
+    from ..data import tissue_mask
 
     where = "pg.tl.segment_cells"
     element = require_element(sdata, image_key, "images")
@@ -138,7 +138,7 @@ def segment_cells(
     halo = int(np.ceil((4 * nucleus_diameter_um + 2 * expand_um) / um))
     tiles = [(y0, x0) for y0 in range(0, H, tile_px) for x0 in range(0, W, tile_px)]
     if tissue_only:
-        from ..data._mask import mask_fraction_in_region
+        from ..data import mask_fraction_in_region
 
         tiles = [(y0, x0) for y0, x0 in tiles
                  if mask_fraction_in_region(mask, factor, x0, y0, min(x0 + tile_px, W), min(y0 + tile_px, H)) > 0]
@@ -164,7 +164,7 @@ def segment_cells(
             keep &= mask[rows, cols]
         if not keep.any():
             continue
-        outlines = _dp.label_polygons(cells, ids[keep])
+        outlines = label_polygons(cells, ids[keep])
         for lab, py, px, a in zip(ids[keep], gy[keep], gx[keep], area[keep], strict=True):
             polygon = outlines.get(int(lab))
             if polygon is None:
@@ -220,13 +220,13 @@ def _segment_tile(block: np.ndarray, threshold: float, params: dict) -> tuple[np
     """(3, h, w) image block -> (nucleus labels, cell labels), or None when it holds no nucleus."""
     from .._core.raster import to_float01
 
-    density = _dp.hematoxylin(np.moveaxis(to_float01(block), 0, -1))
-    mask = _dp.nucleus_mask(density, threshold, sigma_px=params["sigma_px"], min_area_px=params["min_area_px"],
+    density = hematoxylin(np.moveaxis(to_float01(block), 0, -1))
+    mask = nucleus_mask(density, threshold, sigma_px=params["sigma_px"], min_area_px=params["min_area_px"],
                             max_hole_px=params["max_hole_px"], background_sigma_px=params["background_sigma_px"])
     if not mask.any():
         return None
-    nuclei = _dp.split_nuclei(mask, min_distance_px=params["min_distance_px"])
-    return nuclei, _dp.expand_cells(nuclei, params["expand_px"])
+    nuclei = split_nuclei(mask, min_distance_px=params["min_distance_px"])
+    return nuclei, expand_cells(nuclei, params["expand_px"])
 
 
 def _nucleus_stats(nuclei: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -250,13 +250,13 @@ def _slide_threshold(data: Any, mask: np.ndarray, factor: float) -> float:
     stride = max(1, int(np.ceil(np.sqrt(H * W / _THRESHOLD_SAMPLES))))
     sample = data[:, stride // 2 :: stride, stride // 2 :: stride]
     sample = np.asarray(sample.compute() if hasattr(sample, "compute") else sample)
-    density = _dp.hematoxylin(np.moveaxis(to_float01(sample), 0, -1))
+    density = hematoxylin(np.moveaxis(to_float01(sample), 0, -1))
     ys = (np.arange(stride // 2, H, stride) + 0.5) / factor
     xs = (np.arange(stride // 2, W, stride) + 0.5) / factor
     on = mask[np.clip(ys.astype(np.int64), 0, mask.shape[0] - 1)][:, np.clip(xs.astype(np.int64), 0,
                                                                                mask.shape[1] - 1)]
     values = density[on] if on.any() else density.ravel()
-    return _dp.nuclei_threshold(values)
+    return nuclei_threshold(values)
 
 
 def _record(sdata: Any, key_added: str, **params) -> None:

@@ -1,2 +1,10 @@
 """The training layer: encoding training tiles into a cache, the Lightning plan, the member loop and the
 resumable stores (member checkpoints, feature cache). Imports torch and Lightning."""
+
+from ._checkpoint import image_hash, record_fingerprint, require_directory, slide_digest
+from ._fit import FitOptions, counts_with_library, fit_model
+
+__all__ = [
+    "counts_with_library", "fit_model", "FitOptions", "image_hash", "record_fingerprint",
+    "require_directory", "slide_digest",
+]

@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..data._augment import dihedral, stain_jitter
-from ..data._training import SlideSpots, TileView, TrainingCache, plan_tiles, spots_inside
+from ..data import dihedral, stain_jitter
+from ..data import SlideSpots, TileView, TrainingCache, plan_tiles, spots_inside
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from .._core.raster import full_resolution
 from .._core.validate import fail
-from ..model._pixnet import json_default, trained_state
+from ..model import json_default, trained_state
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from .._core.torch_compat import ensure_torchvision
 ensure_torchvision()
 import lightning as L  # noqa: E402
 
-from ..data._augment import dihedral_inverse  # noqa: E402
-from ..data._training import TrainingCache  # noqa: E402
-from ..nn._losses import log_normalize, negative_binomial_nll, pearson_loss, poisson_nll  # noqa: E402
+from ..data import dihedral_inverse  # noqa: E402
+from ..data import TrainingCache  # noqa: E402
+from ..nn import log_normalize, negative_binomial_nll, pearson_loss, poisson_nll  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
