@@ -61,7 +61,7 @@ def test_circles_match_closed_form_partly_outside():
     radii = rng.uniform(0.2, 9, 40)
     H, W = 18, 21
     weights = circle_weights(centers, radii, (H, W))
-    I, J = np.mgrid[0:H, 0:W]
+    I, J = np.mgrid[0:H, 0:W]  # noqa: E741
     for k in range(40):
         ref = disk_rect_area(centers[k, 0], centers[k, 1], radii[k], J, I, J + 1, I + 1)
         np.testing.assert_allclose(dense_row(weights, k, H, W), ref, atol=1e-10)

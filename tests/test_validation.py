@@ -13,7 +13,12 @@ GENES = ["GENE00", "GENE01"]
 
 
 def _fit(sdata, **kw):
-    return pg.tl.fit(sdata, genes=kw.pop('genes', GENES), max_epochs=1, progress=False, **kw, decoder=pg.tl.DecoderConfig(width=16), training=pg.tl.TrainConfig(n_views=1))
+    return pg.tl.fit(sdata, genes=kw.pop("genes", GENES), max_epochs=1, progress=False,
+                     decoder=pg.tl.DecoderConfig(width=16), training=pg.tl.TrainConfig(n_views=1), **kw)
+
+
+def _fit_plain(sdata, **kw):
+    return pg.tl.fit(sdata, genes=GENES, max_epochs=1, progress=False, **kw)
 
 
 def _elements(sdata):
@@ -72,9 +77,23 @@ def test_empty_gene_list(synthetic_small):
         _fit(synthetic_small, genes=[])
 
 
-def test_no_genes_and_none_selected(synthetic_small):
-    with pytest.raises(PixgeneInputError, match="select_genes"):
-        _fit(synthetic_small, genes=None)
+def test_config_objects_of_the_wrong_type(synthetic_small):
+    with pytest.raises(PixgeneInputError, match="decoder: is a str, not a DecoderConfig.*block='conv'"):
+        _fit_plain(synthetic_small, decoder="conv")
+    with pytest.raises(PixgeneInputError, match="training: is a dict, not a TrainConfig"):
+        _fit_plain(synthetic_small, training={"n_views": 1})
+    with pytest.raises(PixgeneInputError, match="image_um_per_px: 2 values for 1 slides"):
+        _fit_plain(synthetic_small, image_um_per_px=[1.0, 1.0])
+
+
+def test_image_with_nan_pixels(synthetic_small):
+    from spatialdata.models import Image2DModel
+
+    pixels = synthetic_small.images["he"].values.astype(np.float32) / 255
+    pixels[1, 40:42, 17] = np.nan
+    synthetic_small.images["he"] = Image2DModel.parse(pixels, dims=("c", "y", "x"), chunks=64)
+    with pytest.raises(PixgeneInputError, match=r"image 'he': 2 pixel value\(s\) are NaN or infinite.*fillna"):
+        _fit(synthetic_small)
 
 
 def test_um_per_px_neither_given_nor_derivable(synthetic_small):
@@ -126,18 +145,26 @@ def test_bad_input_leaves_the_store_untouched(synthetic_small, tmp_path):
     assert sorted(p.relative_to(path).as_posix() for p in path.rglob("*")) == listing
 
 
+DECODER_OPTIONS = {"standardize_features", "attention_window", "smooth_windows", "block", "width", "out_stride"}
+FIT_OPTIONS = {"max_epochs", "encoder_um_per_px", "n_members", "precision"}
+
+
 @pytest.mark.parametrize(
     ("option", "message"),
     [
         ({"likelihood": "gaussian"}, "likelihood"),
         ({"scale_jitter": 0.5}, "scale_jitter"),
         ({"finetune_levels": -1}, "finetune_levels"),
+        ({"finetune_levels": np.int64(1), "tile_context_px": 64}, "tile_context_px"),
         ({"val_fraction": 1.0}, "val_fraction"),
         ({"max_epochs": 0}, "max_epochs"),
+        ({"max_epochs": True}, "max_epochs"),
+        ({"n_members": 2.0}, "n_members"),
         ({"patience": 2.5}, "patience"),
         ({"batch_size": 0}, "batch_size"),
         ({"loss_weights": {"l1": 1.0}}, "loss_weights"),
         ({"encoder_um_per_px": 0.0}, "encoder_um_per_px"),
+        ({"precision": "fp16"}, "precision"),
         ({"standardize_features": "yes"}, "standardize_features"),
         ({"ema_decay": 1.0}, "ema_decay"),
         ({"ema_decay": -0.1}, "ema_decay"),
@@ -145,10 +172,17 @@ def test_bad_input_leaves_the_store_untouched(synthetic_small, tmp_path):
         ({"attention_window": 5}, "attention_window"),
         ({"attention_window": 0}, "attention_window"),
         ({"smooth_windows": "yes"}, "smooth_windows"),
+        ({"block": "unet"}, "block"),
     ],
 )
 def test_bad_fit_options_fail_before_work(synthetic_small, option, message):
+    """Options of fit itself are checked by fit; those of the decoder and training configs when the config is
+    made (a numpy integer counts as an integer everywhere, a bool never does)."""
     before = _elements(synthetic_small)
     with pytest.raises(PixgeneInputError, match=message):
-        pg.tl.fit(synthetic_small, genes=GENES, progress=False, **option)
+        decoder = {k: v for k, v in option.items() if k in DECODER_OPTIONS}
+        training = {k: v for k, v in option.items() if k not in DECODER_OPTIONS | FIT_OPTIONS}
+        own = {k: v for k, v in option.items() if k in FIT_OPTIONS}
+        pg.tl.fit(synthetic_small, genes=GENES, progress=False, decoder=pg.tl.DecoderConfig(**decoder),
+                  training=pg.tl.TrainConfig(**training), **own)
     assert _elements(synthetic_small) == before

@@ -19,7 +19,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 _SUBMODULES = {"datasets", "io", "pl", "pp", "tl", "data", "nn"}
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import data, datasets, io, nn, pl, pp, tl
+    from . import data, datasets, io, nn, pl, pp, tl  # noqa: F401
 
 
 def __getattr__(name: str):

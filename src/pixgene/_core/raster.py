@@ -57,6 +57,21 @@ def rgb_array(element: Any, name: str) -> Any:
     return array
 
 
+def require_finite(array: Any, name: str) -> None:
+    """Fail if a float image holds NaN or infinite pixels (integer images cannot); one pass over the pixels,
+    chunk by chunk for a dask-backed array."""
+    from .validate import fail
+
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    data = getattr(array, "data", array)
+    bad = ~np.isfinite(data)
+    n_bad = int(bad.sum().compute() if hasattr(bad, "compute") else bad.sum())
+    if n_bad:
+        fail(f"image {name!r}", f"{n_bad} pixel value(s) are NaN or infinite",
+             "Fill them before fitting or predicting (e.g. image.fillna(255) for white background), or crop them away")
+
+
 def to_float01(block: np.ndarray) -> np.ndarray:
     """uint8/uint16/float image block to float32 in [0, 1]."""
     block = np.asarray(block)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .._core.coords import affine_between, apply_affine, isotropic_scale
-from .._core.raster import rgb_array
+from .._core.raster import require_finite, rgb_array
 from .._core.units import resolve_um_per_px
 from .._core.validate import check_raw_counts, fail, require_element
 
@@ -149,6 +149,7 @@ def prepare_spot_slide(
 
     image = require_element(sdata, image_key, "images")
     array = rgb_array(image, image_key)
+    require_finite(array, image_key)
     shapes = require_element(sdata, shapes_key, "shapes")
     table = require_element(sdata, table_key, "tables")
     um = resolve_um_per_px(sdata, image_key, um_per_px=um_per_px, shapes_key=shapes_key, table_key=table_key)

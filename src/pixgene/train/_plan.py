@@ -15,10 +15,10 @@ from torch import nn
 from .._core.torch_compat import ensure_torchvision
 
 ensure_torchvision()
+
 import lightning as L  # noqa: E402
 
-from ..data import dihedral_inverse  # noqa: E402
-from ..data import TrainingCache  # noqa: E402
+from ..data import TrainingCache, dihedral_inverse  # noqa: E402
 from ..nn import log_normalize, negative_binomial_nll, pearson_loss, poisson_nll  # noqa: E402
 
 logger = logging.getLogger(__name__)
