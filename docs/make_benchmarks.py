@@ -237,6 +237,9 @@ def section(path: Path) -> tuple[str, str]:
                 f"script could not render them now ({type(err).__name__}: {err}).\n\n" if body else
                 f"Neither its script ({type(err).__name__}: {err}) nor a `.md` next to it gave tables.\n\n")
     body, title = _demote(body, 2)
+    # pictures the script linked beside its results: from the docs page, they are in benchmarks/results/
+    body = re.sub(r"\]\((?!https?:|/|\.\./)([^)\s]+\.(?:png|jpg|svg))\)",
+                  lambda m: f"](../{path.parent.relative_to(ROOT).as_posix()}/{m.group(1)})", body)
     title = title or name
     made_by = f"`benchmarks/{script.name}`" if script else NOT_RECORDED
     what = _summary(script) if script else ""
