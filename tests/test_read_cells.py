@@ -212,7 +212,7 @@ def test_bad_segmentations_are_refused(slide, tmp_path):
                           "vertex_x": [100.0, 110, 110, 100, 250, 260, 260, 250],
                           "vertex_y": [100.0, 100, 110, 110, 150, 150, 160, 160]})
     with pytest.raises(PixgeneInputError, match=r"2 of 2 cells lie outside image 'he'.*x 2000.0 to 5200.0") as err:
-        pg.io.read_cells(slide, frame, um_per_px=0.05)
+        pg.io.read_cells(slide, frame, image_um_per_px=0.05)
     assert "um_per_px" in str(err.value)
     features = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": _square(700, 10, 720, 30)}}]
     with pytest.raises(PixgeneInputError, match="outside image"):

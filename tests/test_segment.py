@@ -171,9 +171,9 @@ def test_refuses_missing_or_coarse_scale(synthetic_small):
     with pytest.raises(PixgeneInputError, match="microns per pixel"):
         pg.tl.segment_cells(synthetic_small, key_added=SEGMENTED, progress=False)
     with pytest.raises(PixgeneInputError, match="too coarse"):
-        pg.tl.segment_cells(synthetic_small, key_added=SEGMENTED, um_per_px=4.0, progress=False)
+        pg.tl.segment_cells(synthetic_small, key_added=SEGMENTED, image_um_per_px=4.0, progress=False)
     with pytest.raises(PixgeneInputError, match="nucleus_diameter_um"):
-        pg.tl.segment_cells(synthetic_small, key_added=SEGMENTED, um_per_px=1.0, nucleus_diameter_um=-1,
+        pg.tl.segment_cells(synthetic_small, key_added=SEGMENTED, image_um_per_px=1.0, nucleus_diameter_um=-1,
                             progress=False)
     assert SEGMENTED not in synthetic_small.shapes
 

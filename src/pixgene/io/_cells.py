@@ -34,7 +34,7 @@ def read_cells(
     image_key: str = IMAGE_KEY,
     key_added: str = CELLS_KEY,
     overwrite: bool = False,
-    um_per_px: float | None = None,
+    image_um_per_px: float | None = None,
     coordinate_system: str | None = None,
     mask_um_per_px: float | None = None,
     affine: Any = None,
@@ -75,7 +75,7 @@ def read_cells(
         Name of the new shapes element.
     overwrite
         Replace an existing shapes element named ``key_added``.
-    um_per_px
+    image_um_per_px
         Microns per pixel of the image, to place a segmentation in microns or a mask given with
         ``mask_um_per_px``; default: the value recorded for the image (:func:`pixgene.io.get_um_per_px`).
     coordinate_system
@@ -113,7 +113,7 @@ def read_cells(
         if key_added in getattr(sdata, kind):
             fail(f"{kind[:-1]} {key_added!r}", "exists, and a shapes element cannot take its name",
                  "Choose another key_added")
-    check_positive(um_per_px, "um_per_px", f"image {image_key!r}")
+    check_positive(image_um_per_px, "image_um_per_px", f"image {image_key!r}")
     check_positive(mask_um_per_px, "mask_um_per_px", "read_cells")
     matrix = None if affine is None else _as_affine(affine)
     full = full_resolution(image)
@@ -135,12 +135,12 @@ def read_cells(
     else:
         kind, loaded = _load(source, what)
     if kind == "mask":
-        frame = _mask_cells(loaded, what, sdata, image_key, (height, width), um_per_px, coordinate_system,
+        frame = _mask_cells(loaded, what, sdata, image_key, (height, width), image_um_per_px, coordinate_system,
                             mask_um_per_px, matrix)
     elif kind == "vertices":
         frame = _vertex_cells(loaded, what)
         if matrix is None:
-            matrix = _microns_to_pixels(sdata, image_key, um_per_px, coordinate_system)
+            matrix = _microns_to_pixels(sdata, image_key, image_um_per_px, coordinate_system)
     else:
         frame = _feature_cells(loaded, what) if kind == "features" else _frame_cells(loaded, what)
     if kind != "mask" and matrix is not None:
@@ -624,7 +624,7 @@ def _check_inside(frame: Any, shape: tuple[int, int], what: str, image_key: str,
     centre = shapely.get_coordinates(shapely.centroid(geometry))
     outside = (centre[:, 0] < 0) | (centre[:, 1] < 0) | (centre[:, 0] > width) | (centre[:, 1] > height)
     fix = {
-        "vertices": "Check um_per_px (the image's microns per pixel) or pass coordinate_system= / affine= for an "
+        "vertices": "Check image_um_per_px (the image's microns per pixel) or pass coordinate_system= / affine= for an "
         "image registered to the segmentation",
         "mask": "Check that the mask belongs to this image, or pass mask_um_per_px= / affine=",
     }.get(kind, "Check that the coordinates are in this image's full-resolution pixels (not a downscaled copy "

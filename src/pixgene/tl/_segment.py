@@ -32,7 +32,7 @@ def segment_cells(
     expand_um: float = 5.0,
     tile_um: float = 512.0,
     tissue_only: bool = True,
-    um_per_px: float | None = None,
+    image_um_per_px: float | None = None,
     progress: bool = True,
     overwrite: bool = False,
 ) -> Any:
@@ -77,7 +77,7 @@ def segment_cells(
     tissue_only
         Skip tiles without tissue and drop nuclei off the tissue (:func:`pixgene.data._mask.tissue_mask`).
         The slide's threshold is always taken over tissue.
-    um_per_px
+    image_um_per_px
         Microns per pixel of the image; default: recorded by the reader (``pg.io``) or derived from its spots.
     progress
         Show a tqdm progress bar over tiles.
@@ -121,7 +121,7 @@ def segment_cells(
     if tile_um < 4 * nucleus_diameter_um:
         fail(where, f"tile_um={tile_um!r} is smaller than four nuclei ({4 * nucleus_diameter_um:g} um)",
              "Pass tile_um of a few hundred microns, e.g. 512.0")
-    um = resolve_um_per_px(sdata, image_key, um_per_px=um_per_px)
+    um = resolve_um_per_px(sdata, image_key, um_per_px=image_um_per_px)
     if nucleus_diameter_um / um < _MIN_NUCLEUS_PX:
         fail(f"image {image_key!r}",
              f"at {um:.3g} um per pixel a {nucleus_diameter_um:g} um nucleus is {nucleus_diameter_um / um:.1f} "
