@@ -10,6 +10,8 @@ import time
 import warnings
 from pathlib import Path
 
+from ._core.validate import PixgeneInputError
+
 logger = logging.getLogger("pixgene")
 
 
@@ -131,23 +133,11 @@ def _predict(args: argparse.Namespace) -> int:
 
     models = [pg.tl.PixNet.load(path) for path in args.model]
     src = Path(args.image)
+    image_key = args.image_key
     if src.suffix == ".zarr" or src.is_dir():
         sdata = sd.read_zarr(src)
-        image_key = args.image_key
-    else:
-        from PIL import Image
-
-        from ._core.units import record_um_per_px
-        from .data import parse_rgb_image
-
-        if args.image_um_per_px is None:
-            print("--image-um-per-px is required for an image file", file=sys.stderr)
-            return 2
-        Image.MAX_IMAGE_PIXELS = None
-        sdata = sd.SpatialData(images={args.image_key: parse_rgb_image(Image.open(src).convert("RGB"),
-                                                                        name=args.image_key)})
-        record_um_per_px(sdata, args.image_key, args.image_um_per_px)
-        image_key = args.image_key
+    else:  # JPEG, PNG, TIFF, OME-TIFF, SVS, NDPI, ...: read lazily, um/px from the file unless given
+        sdata = pg.io.read_image(src, um_per_px=args.image_um_per_px, image_key=image_key)
     out = Path(args.out)
     if out.resolve() != src.resolve():
         if out.exists() and not args.overwrite:
@@ -158,6 +148,14 @@ def _predict(args: argparse.Namespace) -> int:
     pg.tl.predict_dense(sdata, models, image_key=image_key, um_per_px=args.um_per_px,
                         image_um_per_px=args.image_um_per_px, overwrite=args.overwrite, tta=args.tta)
     print(f"wrote {image_key}_pixgene to {out}")
+    if args.cells or args.segment:
+        if args.cells:
+            pg.io.read_cells(sdata, args.cells, image_key=image_key, overwrite=args.overwrite)
+        else:
+            pg.tl.segment_cells(sdata, image_key=image_key, overwrite=args.overwrite)
+        pg.tl.aggregate(sdata, shapes="cells", dense_key=f"{image_key}_pixgene", image_key=image_key,
+                        overwrite=args.overwrite)
+        print(f"wrote cells and their read-out cells_pixgene to {out}")
     return 0
 
 
@@ -166,24 +164,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="synthetic slide -> fit -> dense map -> spots/cells/bins -> scores")
-    demo.add_argument("--out", default="pixgene_demo")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--epochs", type=int, default=25)
-    demo.add_argument("--n-genes", type=int, default=30)
-    demo.add_argument("--um-per-px", type=float, default=4.0)
-    demo.add_argument("--overwrite", action="store_true")
+    demo.add_argument("--out", default="pixgene_demo", help="folder for demo.zarr, the model, metrics and figure")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic slide and the fit")
+    demo.add_argument("--epochs", type=int, default=25, help="epochs of each member")
+    demo.add_argument("--n-genes", type=int, default=30, help="highly variable genes to model")
+    demo.add_argument("--um-per-px", type=float, default=4.0, help="microns per pixel of the dense map")
+    demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo's output")
     demo.set_defaults(func=_demo)
     pred = sub.add_parser("predict", help="dense map of an image with a saved model")
     pred.add_argument("--model", required=True, nargs="+",
                       help="a saved model's folder, or several: the map is their mean")
-    pred.add_argument("--image", required=True, help="a SpatialData .zarr or an RGB image file")
+    pred.add_argument("--image", required=True,
+                      help="a SpatialData .zarr, or an H&E image file (JPEG, PNG, TIFF, OME-TIFF, SVS, NDPI, ...)")
     pred.add_argument("--out", required=True, help="output SpatialData .zarr (may equal --image)")
-    pred.add_argument("--image-key", default="he")
-    pred.add_argument("--image-um-per-px", type=float, default=None)
-    pred.add_argument("--um-per-px", type=float, default=4.0)
+    pred.add_argument("--image-key", default="he", help="the image element (of a .zarr; the name given to a file's)")
+    pred.add_argument("--image-um-per-px", type=float, default=None,
+                      help="microns per pixel of the image (default: from the file's metadata or the .zarr)")
+    pred.add_argument("--um-per-px", type=float, default=4.0, help="microns per pixel of the dense map")
     pred.add_argument("--tta", type=int, default=1, choices=(1, 2, 4, 8),
                       help="test-time augmentation: average the maps of this many dihedral transforms")
-    pred.add_argument("--overwrite", action="store_true")
+    cells = pred.add_mutually_exclusive_group()
+    cells.add_argument("--cells", default=None,
+                       help="a segmentation (GeoJSON, label mask .npy/.tif, Xenium cell_boundaries.parquet): "
+                       "read the map out over its cells into the table cells_pixgene")
+    cells.add_argument("--segment", action="store_true",
+                       help="segment cells from the H&E (pg.tl.segment_cells) and read the map out over them")
+    pred.add_argument("--overwrite", action="store_true", help="replace existing elements of the same names")
     pred.set_defaults(func=_predict)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -192,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         # zarr announces a future default on every array spatialdata writes; on a terminal that buries the output
         warnings.filterwarnings("ignore", message="zarr v3 autosharding", category=UserWarning)
-        return int(args.func(args))
+        try:
+            return int(args.func(args))
+        except PixgeneInputError as err:  # bad input: the message says what to change; no traceback
+            print(f"pixgene {args.command}: {err}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
