@@ -163,9 +163,7 @@ def load_section(dataset: str, section: str):
 def spots_of(section: str, sdata, genes: list[str], enc_um: float) -> Spots:
     import scipy.sparse as sp
 
-    from pixgene._core.normalize import log_normalize_np
-    from pixgene.data._reader import SlideReader
-    from pixgene.data._slides import prepare_spot_slide
+    from pixgene._bench import SlideReader, log_normalize_np, prepare_spot_slide
 
     s = prepare_spot_slide(sdata, image_key="he", shapes_key="spots", table_key="table", um_per_px=None)
     reader = SlideReader(sdata.images["he"], image_um=s.um_per_px, target_um=enc_um, name="he")
@@ -255,7 +253,7 @@ def fit_stnet(train: list[Spots], test: Spots, *, seed: int, epochs: int = 6, ba
     import torch
     from torch import nn
 
-    from pixgene.nn._encoders import build_encoder
+    from pixgene._bench import build_encoder
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -395,7 +393,7 @@ def fit_pixgene(train_sdatas: list, test: Spots, *, genes: list[str], seed: int,
     """``pg.tl.fit`` -> ``predict_dense`` -> ``aggregate`` over the test spots; log-normalised like the targets.
     With ``model`` given, the fit is skipped and that model predicts. Returns the prediction, a summary of the
     training and the model."""
-    from pixgene._core.normalize import log_normalize_np
+    from pixgene._bench import log_normalize_np
 
     t0 = time.perf_counter()
     if model is None:
@@ -470,7 +468,7 @@ def _align(pred_table, measured_table) -> np.ndarray:
 
 
 def score(pred: np.ndarray, y: np.ndarray, genes: list[str]) -> dict:
-    from pixgene.tl._evaluate import score_matrices
+    from pixgene._bench import score_matrices
 
     return rounded(score_matrices(pred.astype(np.float64), y.astype(np.float64), genes).summary)
 
@@ -482,9 +480,7 @@ def rounded(summary: dict) -> dict:
 
 
 def run_fold(dataset: str, sections: tuple[str, ...], test_section: str, methods: list[str], seed: int) -> dict:
-    from pixgene._core.units import resolve_um_per_px
-    from pixgene.nn._encoders import build_encoder
-    from pixgene.tl._fit import working_um_per_px
+    from pixgene._bench import build_encoder, resolve_um_per_px, working_um_per_px
 
     t0 = time.perf_counter()
     train_names = [s for s in sections if s != test_section]
@@ -773,7 +769,7 @@ def main() -> None:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from pixgene.nn._pixnet import resolve_precision
+    from pixgene._bench import resolve_precision
 
     precision = {"bf16": "bfloat16 autocast", "32": "float32"}[resolve_precision("auto")]
     machine = (f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "

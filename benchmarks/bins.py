@@ -111,7 +111,8 @@ def loss_part(seed: int) -> dict:
     runs += [("55 um circles", "spots", "table", name) for name in ("default", "no MSE")]
     for trained_on, shapes_key, table_key, name in runs:
         t0 = time.perf_counter()
-        model = pg.tl.fit(sdata, shapes_key=shapes_key, table_key=table_key, genes=genes, random_state=seed, n_members=1, progress=False, training=pg.tl.TrainConfig(loss_weights=LOSSES[name]))
+        model = pg.tl.fit(sdata, shapes_key=shapes_key, table_key=table_key, genes=genes, random_state=seed,
+                          n_members=1, progress=False, training=pg.tl.TrainConfig(loss_weights=LOSSES[name]))
         fit_s = time.perf_counter() - t0
         pg.tl.predict_dense(sdata, model, key_added="loss_map", overwrite=True, progress=False)
         scores = readout_scores(sdata, "loss_map", genes)
@@ -146,7 +147,7 @@ def as_polygons(sdata, n_vertices: int = 96) -> None:
 
 
 def her2st_part(seed: int, n_members: int, train: list[str], test: str) -> dict:
-    from pixgene.tl._evaluate import score_matrices
+    from pixgene._bench import log_normalize_np, score_matrices
 
     rows = []
     n_vertices = 96
@@ -169,8 +170,6 @@ def her2st_part(seed: int, n_members: int, train: list[str], test: str) -> dict:
         order = table.obs["instance_id"].astype(str).to_numpy()
         m = measured[measured.obs["instance_id"].astype(str).to_numpy().argsort()]
         m = m[np.searchsorted(m.obs["instance_id"].astype(str).to_numpy(), order)]
-        from pixgene._core.normalize import log_normalize_np
-
         y = np.asarray(m[:, genes].X.toarray(), dtype=np.float64)
         y = log_normalize_np(y, np.asarray(m.X.sum(1)).ravel())
         p = log_normalize_np(np.asarray(table[:, genes].X, dtype=np.float64),
@@ -196,7 +195,7 @@ def her2st_part(seed: int, n_members: int, train: list[str], test: str) -> dict:
 
 def plan_tiles_dense(centers: np.ndarray, radius: float, tile: int, margin: int) -> np.ndarray:
     """The candidates x spots set cover pixgene used before (the reference)."""
-    from pixgene.data._training import spots_inside
+    from pixgene._bench import spots_inside
 
     core = tile - 2 * margin
     step = max(8, int((core - 2 * radius) // 2))
@@ -230,7 +229,7 @@ def measure(fn, *args) -> tuple[object, float, float]:
 
 
 def planning_part(dense_limit: int) -> list[dict]:
-    from pixgene.data._training import plan_tiles
+    from pixgene._bench import plan_tiles
 
     rows = []
     # encoder pixels of 1 um (pixgene's default working resolution on her2st), tiles of 256 px, margin 16

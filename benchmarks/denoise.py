@@ -39,13 +39,13 @@ log = logging.getLogger("denoise")
 
 
 def log_norm(x: np.ndarray, total: np.ndarray) -> np.ndarray:
-    from pixgene._core.normalize import log_normalize_np
+    from pixgene._bench import log_normalize_np
 
     return log_normalize_np(np.asarray(x, dtype=np.float64), np.asarray(total, dtype=np.float64))
 
 
 def scores(pred: np.ndarray, ref: np.ndarray, genes: list[str]) -> dict:
-    from pixgene.tl._evaluate import score_matrices
+    from pixgene._bench import score_matrices
 
     s = score_matrices(pred, ref, genes).summary
     return {k: round(float(s[k]), 4) for k in ("PCC@F", "PCC@S", "PCC@M", "MSE", "MAE")}

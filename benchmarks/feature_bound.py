@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pixgene.data._mask import block_mean
+from pixgene._bench import block_mean
 
 RESULTS = Path(__file__).parent / "results"
 MAP_UM = 4.0
@@ -51,7 +51,7 @@ log = logging.getLogger("feature_bound")
 
 
 def image_array(sdata, key: str, channels=None) -> np.ndarray:
-    from pixgene._core.raster import full_resolution
+    from pixgene._bench import full_resolution
 
     el = full_resolution(sdata.images[key])
     if channels is not None:
@@ -62,7 +62,7 @@ def image_array(sdata, key: str, channels=None) -> np.ndarray:
 def scores(pred: np.ndarray, truth: np.ndarray, tissue: np.ndarray) -> dict:
     """PCC@M / PCC@S of ``pred`` against ``truth`` (both (genes, h, w) on the 4 um grid) over square bins,
     scored as ``pg.tl.evaluate`` scores tables (bins x genes)."""
-    from pixgene.tl._evaluate import score_matrices
+    from pixgene._bench import score_matrices
 
     out = {}
     for b in BINS_UM:
@@ -80,7 +80,7 @@ def pyramid_on_grid(image: np.ndarray, encoder_um: float, *, tile: int = 512, ha
     import torch
     import torch.nn.functional as F
 
-    from pixgene.nn import build_encoder
+    from pixgene._bench import build_encoder
 
     enc = build_encoder("efficientnet_lite0").eval()
     zoom = int(round(1.0 / encoder_um))

@@ -90,7 +90,7 @@ def time_forward(encoder, *, device: str, tile: int, batch: int, precision: str,
 def bench_encoders(names: list[str], *, device: str, batch: int, iters: int, tiles: list[int]) -> list[dict]:
     import torch
 
-    from pixgene.nn._encoders import build_encoder, encoder_flops_per_pixel
+    from pixgene._bench import build_encoder, encoder_flops_per_pixel
 
     rows = []
     for name in names:

@@ -48,7 +48,7 @@ def run(iters: int, tiles: list[int]) -> dict:
     import torch
     from precision import _he_tiles, _module, _timed
 
-    from pixgene.nn._pixnet import resolve_precision
+    from pixgene._bench import resolve_precision
 
     precision = resolve_precision("auto", "cpu")
     module = _module(precision, members=5)

@@ -43,7 +43,7 @@ def _counts(table, genes: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pcc(pred: np.ndarray, truth: np.ndarray, genes: list[str]) -> list[float]:
-    from pixgene.tl._evaluate import score_matrices
+    from pixgene._bench import score_matrices
 
     s = score_matrices(pred, truth, genes).summary
     return [round(float(s["PCC@M"]), 4), round(float(s["PCC@S"]), 4)]
@@ -53,7 +53,7 @@ def run_pair(pair: str, seed: int) -> dict:
     from accuracy import _align, load_section
 
     import pixgene as pg
-    from pixgene._core.normalize import log_normalize_np
+    from pixgene._bench import log_normalize_np
 
     dataset, train, test = pair.split(":")
     train_sdatas = [load_section(dataset, s) for s in train.split("+")]

@@ -31,8 +31,7 @@ log = logging.getLogger("precision")
 def _module(precision: str, members: int = 1):
     import torch
 
-    from pixgene.model._pixnet import build_module
-    from pixgene.nn._encoders import build_encoder
+    from pixgene._bench import build_encoder, build_module
 
     torch.manual_seed(0)
     decoder = {"width": 48, "out_stride": 4, "block": "fusion", "window": 8, "precision": precision,
@@ -44,7 +43,7 @@ def _module(precision: str, members: int = 1):
 def _he_tiles(n: int, px: int, seed: int = 0) -> np.ndarray:
     """``n`` tiles of ``px`` from the synthetic demo slide's H&E (RGB in [0, 1], 1 um/px)."""
     import pixgene as pg
-    from pixgene._core.raster import full_resolution, to_float01
+    from pixgene._bench import full_resolution, to_float01
 
     sdata = pg.datasets.synthetic(seed=seed, size_um=float(max(1024, px + 64)))
     image = to_float01(np.asarray(full_resolution(sdata.images["he"]).values))
@@ -67,7 +66,7 @@ def _timed(fn, iters: int) -> list[float]:
 def run(iters: int, batch: int, tile: int, predict_px: int) -> dict:
     import torch
 
-    from pixgene.nn._pixnet import bf16_is_fast
+    from pixgene._bench import resolve_precision
 
     modules = {p: _module(p) for p in ("32", "bf16")}
     modules["bf16"].load_state_dict(modules["32"].state_dict())
@@ -125,7 +124,7 @@ def run(iters: int, batch: int, tile: int, predict_px: int) -> dict:
                      "speed-up": round(t32 / t16, 2)})
         log.info("%s: float32 %.3f s, bfloat16 %.3f s (%.2fx)", name, t32, t16, t32 / t16)
     return {"rows": rows, "relative_error": {k: round(v, 4) for k, v in errors.items()},
-            "bf16_native": bf16_is_fast("cpu")}
+            "bf16_native": resolve_precision("auto", "cpu") == "bf16"}
 
 
 def render(result: dict) -> str:

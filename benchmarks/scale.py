@@ -93,8 +93,7 @@ def build_model(genes: list[str]):
     """EfficientNet-Lite0 (bundled weights) with pg.tl.fit's default decoder; untrained (speed does not care)."""
     import torch
 
-    from pixgene.model._pixnet import PixNet, build_module
-    from pixgene.nn._encoders import build_encoder
+    from pixgene._bench import PixNet, build_encoder, build_module
 
     encoder = build_encoder("efficientnet_lite0", weights="default")
     config = encoder.config()
@@ -156,7 +155,7 @@ def tiling_section(model, *, written: int = 1024, n_tiles: int = 3) -> dict:
     centre; taper weights every tile's output by a linear ramp from 0 at its edge to 1 at 2 * o inside
     (consecutive tiles cross-fade over their 2 * o overlap; cellpose tapers the same way, with a sigmoid).
     """
-    from pixgene.infer._tiling import edge_error_profile, probe_texture, tiling_halo
+    from pixgene._bench import edge_error_profile, probe_texture, tiling_halo
 
     (halo, edge_error), t_probe = timed(tiling_halo, model)
     profile = edge_error_profile(model)
@@ -198,7 +197,7 @@ def tiling_section(model, *, written: int = 1024, n_tiles: int = 3) -> dict:
 
 def texture_tile(size: int = 256) -> np.ndarray:
     """The H&E texture the slides replicate; a short period keeps the zarr chunks compressible."""
-    from pixgene.infer._tiling import probe_texture
+    from pixgene._bench import probe_texture
 
     return (probe_texture(size, size, seed=7) * 255).round().astype(np.uint8)
 
@@ -260,7 +259,7 @@ def build_slide(path: Path, side: int, texture: np.ndarray) -> dict:
     import spatialdata as sd
     from spatialdata.models import Image2DModel
 
-    from pixgene._core.units import record_um_per_px
+    from pixgene._bench import record_um_per_px
 
     factors = [2] * int(np.log2(32))  # 0.5 um -> 16 um
     tree = Image2DModel.parse(slide_level(side, 1, texture), dims=("c", "y", "x"), c_coords=["r", "g", "b"],
@@ -284,7 +283,7 @@ def predict_child(args) -> None:
     import spatialdata as sd
 
     import pixgene as pg
-    from pixgene.infer._tiling import tiling_halo
+    from pixgene._bench import tiling_halo
 
     rss_start = peak_rss_gb()
     sdata = sd.read_zarr(args.store)
@@ -352,7 +351,7 @@ def chunks_section(workdir: Path, side: int, model_dir: Path, *, um_per_px: floa
     of the map's maximum; float16 storage rounds to about 1e-3 of a value)."""
     import spatialdata as sd
 
-    from pixgene._core.raster import full_resolution
+    from pixgene._bench import full_resolution
 
     store = workdir / f"slide_{side}.zarr"
     if not store.exists():
@@ -441,7 +440,7 @@ def versus_spatialdata(*, side: int = 4000, n_shapes: int = 5000, n_genes: int =
     from spatialdata.models import Image2DModel, Labels2DModel, ShapesModel
 
     import pixgene as pg
-    from pixgene._core.units import record_um_per_px
+    from pixgene._bench import record_um_per_px
 
     values = smooth_map(n_genes, (side, side))
     genes = [f"G{i:02d}" for i in range(n_genes)]
@@ -537,7 +536,7 @@ def millions_section(workdir: Path, slide_store: Path, *, side: int, n_cells: in
     from spatialdata.transformations import Scale
 
     import pixgene as pg
-    from pixgene._core.units import record_um_per_px
+    from pixgene._bench import record_um_per_px
 
     f = map_um / SLIDE_UM  # slide px per map px
     n = int(np.ceil(side / f))
@@ -616,7 +615,7 @@ def main() -> None:
 
     import torch
 
-    from pixgene.nn._encoders import encoder_flops_per_pixel
+    from pixgene._bench import encoder_flops_per_pixel
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

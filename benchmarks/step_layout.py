@@ -69,12 +69,11 @@ def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
     import torch
     from train_step import timed_step, training_batches, training_copy, training_inputs
 
-    from pixgene.nn import _decoder
-    from pixgene.train import _plan as _train
+    from pixgene._bench import WindowAttention, training_plan
 
     module, cache, kwargs = training_inputs(section, n_genes, seed)
     batches = training_batches(module, cache, kwargs["batch_size"], steps + 1, seed)
-    library_windows = _decoder.WindowAttention._windows
+    library_windows = WindowAttention._windows
     windows = {"before": windows_before, "windows": library_windows, "now": library_windows}
     modules, plans, optimisers = {}, {}, {}
     for name in WAYS:
@@ -86,7 +85,7 @@ def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
         return timed_step(plans[name], optimisers[name], batch)
 
     def decode(name: str, batch: dict) -> tuple[float, torch.Tensor]:
-        features = _train.batch_features(batch, cache)
+        features = training_plan.batch_features(batch, cache)
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = modules[name].decode(features)
@@ -103,7 +102,7 @@ def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
         for i, batch in enumerate(batches):
             outs = []
             for name in WAYS:  # alternate
-                _decoder.WindowAttention._windows = windows[name]
+                WindowAttention._windows = windows[name]
                 t, loss = train_step(name, batch)
                 losses[name].append(loss)
                 td, out = decode(name, batch)
@@ -113,7 +112,7 @@ def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
                     times[("decode", name)].append(td)
             maps_equal &= all(torch.equal(outs[0], o) for o in outs[1:])
     finally:
-        _decoder.WindowAttention._windows = library_windows
+        WindowAttention._windows = library_windows
         torch.utils.deterministic.fill_uninitialized_memory = fill
         torch.use_deterministic_algorithms(deterministic)
 

@@ -38,24 +38,24 @@ class _Captured(Exception):
 def training_inputs(section: str, n_genes: int, seed: int):
     """``(module, cache, kwargs)`` exactly as ``pg.tl.fit`` hands them to training, for one her2st section."""
     import pixgene as pg
-    from pixgene.train import _plan as _train
+    from pixgene._bench import training_plan
 
     sdata = pg.datasets.her2st(section)
     genes = pg.pp.select_genes(sdata, n_top=n_genes, flavor="hvg")
     captured = {}
-    original = _train.train
+    original = training_plan.train
 
     def capture(module, cache, **kwargs):
         captured.update(module=module, cache=cache, kwargs=kwargs)
         raise _Captured
 
-    _train.train = capture
+    training_plan.train = capture
     try:
         pg.tl.fit(sdata, genes=genes, n_members=1, random_state=seed, progress=False)
     except _Captured:
         pass
     finally:
-        _train.train = original
+        training_plan.train = original
     return captured["module"], captured["cache"], captured["kwargs"]
 
 
@@ -65,11 +65,11 @@ def training_batches(module, cache, batch_size: int, n: int, seed: int) -> list[
     layout."""
     import torch
 
-    from pixgene.train import _plan as _train
+    from pixgene._bench import training_plan
 
     module.decoder.to(memory_format=torch.channels_last)
     module.head.to(memory_format=torch.channels_last)
-    collate = _train.make_collate(cache)
+    collate = training_plan.make_collate(cache)
     rng = np.random.default_rng(seed)
     n_views = len(cache.views[0])
     batches = []
@@ -87,11 +87,11 @@ def training_copy(module, cache, kwargs: dict) -> tuple:
     gives it (``kwargs`` as :func:`training_inputs` captured them), in training mode."""
     import torch
 
-    from pixgene.train import _plan as _train
+    from pixgene._bench import training_plan
 
     module = copy.deepcopy(module)
-    plan = _train.PixNetTrainingPlan(module, cache, n_slides=kwargs["n_slides"], loss=kwargs["loss"],
-                                     lr=kwargs["lr"], weight_decay=kwargs["weight_decay"])
+    plan = training_plan.PixNetTrainingPlan(module, cache, n_slides=kwargs["n_slides"], loss=kwargs["loss"],
+                                            lr=kwargs["lr"], weight_decay=kwargs["weight_decay"])
     plan.train()
     optimiser = torch.optim.AdamW([p for p in plan.parameters() if p.requires_grad], lr=kwargs["lr"],
                                   weight_decay=kwargs["weight_decay"])
@@ -111,9 +111,7 @@ def timed_step(plan, optimiser, batch: dict) -> tuple[float, float]:
 def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
     import torch
 
-    from pixgene.data._augment import dihedral_inverse
-    from pixgene.nn import _decoder
-    from pixgene.train import _plan as _train
+    from pixgene._bench import ChannelLayerNorm, dihedral_inverse, training_plan
 
     module, cache, kwargs = training_inputs(section, n_genes, seed)
     batches = training_batches(module, cache, kwargs["batch_size"], steps + 1, seed)
@@ -130,15 +128,15 @@ def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
         return lam.new_zeros(0)
 
     plans["whole map"]._decode_at = decode_whole
-    fused_layer_norm, integrate_pixels = _decoder.ChannelLayerNorm.forward, _train.integrate_pixels
+    fused_layer_norm, integrate_pixels = ChannelLayerNorm.forward, training_plan.integrate_pixels
 
     def integrate_whole(lam, batch):
-        return _train.integrate_spots(_state["map"], {**batch, "nnz_col": batch["view_cols"]})
+        return training_plan.integrate_spots(_state["map"], {**batch, "nnz_col": batch["view_cols"]})
 
     def step(name: str, batch: dict) -> tuple[float, float]:
         before = name == "whole map"
-        _decoder.ChannelLayerNorm.forward = _decoder.ChannelLayerNorm.explicit if before else fused_layer_norm
-        _train.integrate_pixels = integrate_whole if before else integrate_pixels
+        ChannelLayerNorm.forward = ChannelLayerNorm.explicit if before else fused_layer_norm
+        training_plan.integrate_pixels = integrate_whole if before else integrate_pixels
         torch.utils.deterministic.fill_uninitialized_memory = before
         _state["dihedrals"] = batch["dihedrals"]
         return timed_step(plans[name], optimisers[name], batch)
@@ -157,7 +155,7 @@ def run(section: str, steps: int, n_genes: int, seed: int) -> dict:
                 else:
                     times[name].append(t)
     finally:
-        _decoder.ChannelLayerNorm.forward, _train.integrate_pixels = fused_layer_norm, integrate_pixels
+        ChannelLayerNorm.forward, training_plan.integrate_pixels = fused_layer_norm, integrate_pixels
         torch.utils.deterministic.fill_uninitialized_memory = fill
         torch.use_deterministic_algorithms(deterministic)
 

@@ -4,7 +4,7 @@ tiling, geometry, operators, masks, augmentation, segmentation). Never runs a ne
 from ._augment import TTA_CHOICES, TTA_TRANSFORMS, dihedral, dihedral_inverse, stain_jitter
 from ._build import build_spot_sdata, parse_rgb_image
 from ._geometry import circle_weights, polygon_weights, scaled_polygons
-from ._mask import mask_fraction_in_region, tissue_mask
+from ._mask import block_mean, mask_fraction_in_region, tissue_mask
 from ._operator import integrate_labels, integrate_map
 from ._reader import SlideReader
 from ._segment import expand_cells, hematoxylin, label_polygons, nuclei_threshold, nucleus_mask, split_nuclei
@@ -18,4 +18,5 @@ __all__ = [
     "polygon_weights", "prepare_spot_slide", "scaled_polygons", "SlideReader", "SlideSpots",
     "spots_inside", "SpotSlide", "stain_jitter", "TileView", "tissue_mask", "TrainingCache",
     "TTA_CHOICES", "TTA_TRANSFORMS",
+    "block_mean",
 ]

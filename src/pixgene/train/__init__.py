@@ -2,9 +2,10 @@
 resumable stores (member checkpoints, feature cache). Imports torch and Lightning."""
 
 from ._checkpoint import image_hash, record_fingerprint, require_directory, slide_digest
-from ._fit import FitOptions, counts_with_library, fit_model
+from ._fit import FitOptions, counts_with_library, fit_model, working_um_per_px
 
 __all__ = [
     "counts_with_library", "fit_model", "FitOptions", "image_hash", "record_fingerprint",
     "require_directory", "slide_digest",
+    "working_um_per_px",
 ]
