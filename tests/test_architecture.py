@@ -12,15 +12,15 @@ PUBLIC_MODULES = ("io", "datasets", "pp", "tl", "pl")
 MAX_PUBLIC_FUNCTION_LINES = 150
 
 
-def _package_of(path: Path) -> str:
-    parts = path.relative_to(SRC).parts
+def _package_of(path: Path, src: Path) -> str:
+    parts = path.relative_to(src).parts
     return parts[0] if len(parts) > 1 else parts[0].removesuffix(".py")
 
 
-def _resolve(path: Path, node: ast.ImportFrom) -> str:
+def _resolve(path: Path, node: ast.ImportFrom, src: Path) -> str:
     if node.level == 0:
         return node.module or ""
-    base = ["pixgene", *path.relative_to(SRC).parts[:-1]]
+    base = ["pixgene", *path.relative_to(src).parts[:-1]]
     base = base[: len(base) - (node.level - 1)]
     return ".".join(base + ([node.module] if node.module else []))
 
@@ -34,8 +34,8 @@ def cross_package_private_imports(src: Path = SRC) -> list[str]:
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.ImportFrom):
                 continue
-            parts = _resolve(path, node).split(".")
-            if parts[0] != "pixgene" or len(parts) < 2 or parts[1] == _package_of(path):
+            parts = _resolve(path, node, src).split(".")
+            if parts[0] != "pixgene" or len(parts) < 2 or parts[1] == _package_of(path, src):
                 continue
             private_module = parts[1] != "_core" and any(p.startswith("_") for p in parts[2:])
             private_name = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]

@@ -145,7 +145,7 @@ def test_overlap_matrix_conserves_integrals():
 
 
 def test_save_load_round_trip_gives_identical_predictions(fitted_session, tmp_path):
-    from pixgene.tl import PixNet
+    from pixgene.tl import DecoderConfig, PixNet, TrainConfig
 
     _, model = fitted_session
     model.save(tmp_path / "m")
@@ -154,6 +154,8 @@ def test_save_load_round_trip_gives_identical_predictions(fitted_session, tmp_pa
     loaded = PixNet.load(tmp_path / "m")
     assert loaded.model_id == model.model_id
     assert not loaded.module.training
+    # the fit's settings come back as the config objects it was given (conftest: width 16, two views)
+    assert loaded.settings == model.settings == (DecoderConfig(width=16), TrainConfig(n_views=2))
     tile = np.random.default_rng(1).random((3, 128, 128)).astype(np.float32)
     np.testing.assert_array_equal(loaded.predict_intensity(tile), model.predict_intensity(tile))
 
@@ -1106,9 +1108,9 @@ def test_cache_read_ahead_keeps_the_views_and_their_jitter_in_order(monkeypatch)
 
     from pixgene.data import _training
     from pixgene.data._reader import SlideReader
-    from pixgene.train import _cache
     from pixgene.nn._encoders import build_encoder
     from pixgene.nn._pixnet import PixNetModule
+    from pixgene.train import _cache
 
     class InOrder:  # runs each submitted batch at once, in the caller's thread
         def __init__(self, max_workers=None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -14,6 +15,7 @@ import numpy as np
 from .._core.keys import TOTAL_CHANNEL, UNS_KEY
 from .._core.validate import fail
 from .._core.version import __version__
+from ._config import DecoderConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +100,20 @@ class PixNet:
     def alignment(self) -> int:
         """Tile origins and sizes (encoder pixels) must be multiples of this for identical results."""
         return self.module.alignment
+
+    @property
+    def settings(self) -> tuple[DecoderConfig, TrainConfig] | None:
+        """The fit's :class:`~pixgene.tl.DecoderConfig` and :class:`~pixgene.tl.TrainConfig`, read back from the
+        model's record (pass them to ``pg.tl.fit`` to train another model the same way); None for a model
+        without that record."""
+        decoder, params = self.training.get("decoder"), self.training.get("params")
+        if decoder is None or params is None:
+            return None
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        # the record holds the tile and context the fit resolved; the config holds what was asked for
+        asked = {k: v for k, v in params.items() if k in fields}
+        asked.update(params.get("requested", {}))
+        return DecoderConfig(**decoder), TrainConfig(**asked)
 
     def _trained_state(self) -> dict:
         return trained_state(self.module, self.finetuned)
@@ -338,8 +354,7 @@ def build_module(
     encoder: Any = None,
 ):
     """PixNetModule with a frozen encoder (built from its config unless given) and a fresh decoder."""
-    from ..nn import build_encoder
-    from ..nn import PixNetModule
+    from ..nn import PixNetModule, build_encoder
 
     if encoder is None:
         encoder = build_encoder(**encoder_config, weights=encoder_weights)

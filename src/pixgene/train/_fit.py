@@ -19,8 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._core.validate import fail
-from ..data import scaled_polygons
-from ..data import SpotSlide
+from ..data import SpotSlide, scaled_polygons
 from ..model import DecoderConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -250,10 +249,14 @@ def fit_model(slides: list[SpotSlide], genes: list[str], options: FitOptions):
             "standardize_features": options.decoder.standardize_mode(finetune) or False,
             "max_epochs": max_epochs, "patience": patience, "n_members": n_members,
             "random_state": options.random_state,
+            # what the TrainConfig asked for where the fit filled in a default
+            "requested": {k: getattr(train_cfg, k) for k in ("tile_px", "tile_context_px", "patience")},
         },
         "decoder": options.decoder.to_dict(),
         "slides": [
-            {"um_per_px": s.um_per_px, "n_spots": int(len(s.centers)), "spot_diameter_um": s.spot_diameter_um}
+            {"um_per_px": s.um_per_px, "n_spots": int(len(s.centers)), "spot_diameter_um": s.spot_diameter_um,
+             # a subset of the slide's spots (pg.tl.fit(spots=...)): which ones trained; else every spot did
+             **({"spots": s.selection} if getattr(s, "selection", None) is not None else {})}
             for s in slides
         ],
         "n_tiles": cache.n_tiles,
@@ -294,8 +297,7 @@ def _training_slides(slides: list[SpotSlide], module, genes: list[str], options:
     radius per slide; sets every head's initial scale to the slides' mean intensity."""
     import torch
 
-    from ..data import SlideReader
-    from ..data import SlideSpots
+    from ..data import SlideReader, SlideSpots
 
     enc_um = float(module.encoder.um_per_px)
     train_slides, mean_intensity, radii = [], [], []
