@@ -20,8 +20,9 @@ image_key, shapes_key, table_key
     other footprint).""",
     "image_um_per_px": """\
 image_um_per_px
-    Microns per pixel of the H&E image (one value, or one per slide); default: what the reader recorded
-    (``pg.io.set_um_per_px`` states it), or derived from spots of known diameter.""",
+    Microns per pixel of the H&E image (where several slides are given: one value for all, or a list of one
+    per slide); default: what the reader recorded (``pg.io.set_um_per_px`` states it), or derived from spots
+    of known diameter.""",
     "progress": """\
 progress
     Show progress bars on long work.""",

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .._core.docs import doc_params
 from .._core.keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, TOTAL_OBS, UNS_KEY
 from .._core.validate import check_not_exists, check_positive, fail, require_element
 
@@ -125,61 +126,48 @@ def _subset(sdata: Any, image_key: str, shapes_key: str, shapes_pos: np.ndarray,
 
 
 class _FoldResults:
-    """The finished folds' read-outs in ``path/fold_<k>/denoised.h5ad``, each under a fingerprint of what it
-    depends on; one with another fingerprint is never overwritten."""
+    """The finished folds' read-outs, ``fold_<k>/denoised.h5ad`` in a :class:`pixgene.train.ResumableStore`
+    under a fingerprint of what each depends on (read once, when the directory is opened); a fold of another
+    run stops the run before any work."""
+
+    SUFFIX = ".h5ad"
 
     def __init__(self, path: str | os.PathLike | None, fingerprints: list[str]) -> None:
-        self.path = None if path is None else Path(path)
+        from ..train import ResumableStore
+
+        self.store = None if path is None else ResumableStore(path, argument="checkpoint_dir")
         self.fingerprints = fingerprints
-        self._saved: dict = {}  # the finished folds' tables, read once when the directory is opened
-        if self.path is None:
+        self._saved: dict = {}
+        if self.store is None:
             return
-        for k, want in enumerate(fingerprints):
-            table, saved = self._read(k)
-            if saved is not None and saved != want:
-                fail(f"checkpoint_dir {str(self.path)!r}",
-                     f"holds fold {k} of another denoise run (other spots, genes, folds, settings or seed)",
-                     "Pass a new or empty directory, or the data and settings of that run to resume it")
-            if table is not None:
-                self._saved[k] = table
-
-    def directory(self, k: int) -> Path | None:
-        return None if self.path is None else self.path / f"fold_{k}"
-
-    def _file(self, k: int) -> Path:
-        return self.directory(k) / "denoised.h5ad"
-
-    def _read(self, k: int):
-        """Fold ``k``'s saved table and its fingerprint, or ``(None, None)``."""
         import anndata as ad
 
-        if self.path is None or not self._file(k).is_file():
-            return None, None
-        try:
-            table = ad.read_h5ad(self._file(k))
-            return table, str(table.uns[UNS_KEY]["fold_fingerprint"])
-        except (OSError, KeyError, ValueError):
-            fail(f"checkpoint_dir {str(self.path)!r}", f"fold_{k}/denoised.h5ad is not a denoise result",
-                 "Delete it to compute that fold again, or pass another directory")
+        for k, want in enumerate(fingerprints):
+            if self.store.finished(self._name(k), self.SUFFIX, want, f"fold {k}") is not None:
+                self._saved[k] = ad.read_h5ad(self.store.payload(self._name(k), self.SUFFIX))
+
+    @staticmethod
+    def _name(k: int) -> str:
+        return f"fold_{k}/denoised"
+
+    def directory(self, k: int) -> Path | None:
+        """Fold ``k``'s own directory (its fit's member checkpoints go there too)."""
+        return None if self.store is None else self.store.path / f"fold_{k}"
 
     def load(self, k: int):
-        """Fold ``k``'s saved table (read, and its fingerprint checked, when the directory was opened), or
-        None."""
+        """Fold ``k``'s saved table, or None."""
         table = self._saved.get(k)
         if table is not None:
-            logger.info("fold %d loaded from %s (computed before; not fitted again)", k, self._file(k))
+            logger.info("fold %d loaded from %s (computed before; not fitted again)", k,
+                        self.store.payload(self._name(k), self.SUFFIX))
         return table
 
     def save(self, k: int, table) -> None:
-        if self.path is None:
-            return
-        self.directory(k).mkdir(parents=True, exist_ok=True)
-        table.uns[UNS_KEY]["fold_fingerprint"] = self.fingerprints[k]
-        tmp = self._file(k).with_name("denoised.h5ad.tmp")
-        table.write_h5ad(tmp)
-        os.replace(tmp, self._file(k))
+        if self.store is not None:
+            self.store.save(self._name(k), self.SUFFIX, self.fingerprints[k], table.write_h5ad)
 
 
+@doc_params
 def denoise(
     sdata: Any,
     *,
@@ -224,16 +212,13 @@ def denoise(
     train_with
         Further slides (a SpatialData or a list) whose spots train every fold's model as well, e.g. the other
         sections of a cohort; their keys are ``image_key``, ``shapes_key`` and ``table_key`` too.
-    image_key, shapes_key, table_key
-        The H&E image, the spots and their raw-count table.
-    image_um_per_px
-        Microns per image pixel; default: recorded by the reader or derived from the spots.
+    {spot_keys}
+    {image_um_per_px}
     um_per_px
         Output pixel size of each fold's dense map (microns).
     key_added
         Name of the new table; default ``f"{shapes_key}_denoised"``.
-    overwrite
-        Replace an existing table of that name.
+    {overwrite}
     checkpoint_dir
         Directory for resuming: each fold's members are checkpointed in ``fold_<k>/`` (as
         ``pg.tl.fit(checkpoint_dir=...)`` does) and its read-out is written there once done, so a run called
@@ -241,8 +226,7 @@ def denoise(
         A directory that holds another run's folds is never overwritten.
     random_state
         Seed of the blocks' deal to folds and of every fold's fit.
-    progress
-        Progress bars of the fits and predictions.
+    {progress}
     **fit_kwargs
         Options of every fold's fit, as for :func:`pixgene.tl.fit`: ``encoder``, ``encoder_weights``,
         ``encoder_um_per_px``, ``n_members``, ``max_epochs``, ``decoder``, ``training``, ``precision``.
@@ -267,8 +251,8 @@ def denoise(
 
     from .._core.keys import INSTANCE_KEY, REGION_KEY
     from ..data import linked_table_rows, prepare_spot_slide
-    from ._aggregate import aggregate
     from ..train import FitOptions, counts_with_library, fit_model
+    from ._aggregate import aggregate
     from ._fit import as_list, resolve_genes
     from ._predict import predict_dense
 
@@ -359,9 +343,7 @@ def denoise(
                                  "n_spots": int(len(held)), "dense": part.uns[UNS_KEY]["dense"]}
             if results is not None:
                 results.save(k, part)
-        meta = dict(part.uns[UNS_KEY])
-        meta.pop("fold_fingerprint", None)
-        folds_meta.append(meta)
+        folds_meta.append(dict(part.uns[UNS_KEY]))
         parts.append(part)
 
     # ---- one table in the shapes' order

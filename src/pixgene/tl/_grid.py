@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .._core.docs import doc_params
 from .._core.keys import IMAGE_KEY, UNS_KEY, grid_key
 from .._core.validate import check_not_exists, check_positive, fail, require_element
 
@@ -15,6 +16,7 @@ logger = logging.getLogger(__name__)
 _SHAPES = ("square", "hex")
 
 
+@doc_params
 def make_grid(
     sdata: Any,
     *,
@@ -49,8 +51,7 @@ def make_grid(
     key_added
         Name of the new shapes element; default :func:`pixgene._core.keys.grid_key` (``"bins_8um"``,
         ``"hexbins_8um"``).
-    overwrite
-        Replace an existing element named ``key_added``.
+    {overwrite}
 
     Returns
     -------

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from .._core.docs import doc_params
 from .._core.keys import CELLS_KEY, IMAGE_KEY, UNS_KEY
 from .._core.validate import check_not_exists, check_positive, fail, require_element
 from ..data import expand_cells, hematoxylin, label_polygons, nuclei_threshold, nucleus_mask, split_nuclei
@@ -23,6 +24,7 @@ _SMOOTH_UM = 0.5
 _MIN_NUCLEUS_PX = 4.0
 
 
+@doc_params
 def segment_cells(
     sdata: Any,
     *,
@@ -77,12 +79,9 @@ def segment_cells(
     tissue_only
         Skip tiles without tissue and drop nuclei off the tissue (:func:`pixgene.data._mask.tissue_mask`).
         The slide's threshold is always taken over tissue.
-    image_um_per_px
-        Microns per pixel of the image; default: recorded by the reader (``pg.io``) or derived from its spots.
-    progress
-        Show a tqdm progress bar over tiles.
-    overwrite
-        Replace an existing element named ``key_added``.
+    {image_um_per_px}
+    {progress}
+    {overwrite}
 
     Returns
     -------
