@@ -9,13 +9,13 @@ from .._core.torch_compat import ensure_torchvision
 
 ensure_torchvision()
 
-from ._build import build_encoder, check_encoder_weights
-from ._decoder import ConvBlock, Decoder, FusionBlock, IntensityHead, inverse_std
-from ._encoder import CNNEncoder, Encoder, ViTEncoder, encoder_flops_per_pixel
-from ._losses import log_normalize, negative_binomial_nll, pearson_loss, poisson_nll
-from ._pixnet import PixNetModule, resolve_precision
-from ._registry import IMAGENET_MEAN, IMAGENET_STD, EncoderEntry, encoder_entry, list_encoders
-from ._weights import StateFit
+from ._build import build_encoder, check_encoder_weights  # noqa: E402
+from ._decoder import ConvBlock, Decoder, FusionBlock, IntensityHead, inverse_std  # noqa: E402
+from ._encoder import CNNEncoder, Encoder, ViTEncoder, encoder_flops_per_pixel  # noqa: E402
+from ._losses import log_normalize, negative_binomial_nll, pearson_loss, poisson_nll  # noqa: E402
+from ._pixnet import PixNetModule, resolve_precision  # noqa: E402
+from ._registry import IMAGENET_MEAN, IMAGENET_STD, EncoderEntry, encoder_entry, list_encoders  # noqa: E402
+from ._weights import StateFit  # noqa: E402
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "CNNEncoder", "ConvBlock", "Decoder", "Encoder", "EncoderEntry",
