@@ -925,23 +925,25 @@ def test_fit_shares_encoded_tiles_through_a_feature_cache(synthetic_small, tmp_p
     cache = tmp_path / "features"
     plain = pg.tl.fit(synthetic_small, **kwargs)
     first = pg.tl.fit(synthetic_small, feature_cache=cache, **kwargs)
-    files = sorted(cache.iterdir())
-    assert [p.suffix for p in files] == [".safetensors"] and first.model_id == plain.model_id
+    files = sorted(cache.iterdir())  # the features and the record that marks them complete
+    assert [p.suffix for p in files] == [".json", ".safetensors"] and files[0].stem == files[1].stem
+    assert first.model_id == plain.model_id
     from safetensors.torch import load_file
 
-    saved = load_file(str(files[0]))
+    saved = load_file(str(files[1]))
     assert all(v.shape[:2] == (plain.training["n_tiles"], 2) for v in saved.values())
 
     # images the encoder sees: the slide's statistics tiles, and the training tiles unless they are loaded
     encoded, real_encode = [], PixNetModule.encode
     monkeypatch.setattr(PixNetModule, "encode", lambda self, x: encoded.append(len(x)) or real_encode(self, x))
-    conv_plain = pg.tl.fit(synthetic_small, **{**kwargs, "decoder": "conv"})
+    conv_plain = pg.tl.fit(synthetic_small, **{**kwargs, "decoder": pg.tl.DecoderConfig(width=8, block="conv")})
     without = sum(encoded)
     encoded.clear()
     again = pg.tl.fit(synthetic_small, feature_cache=cache, **kwargs)
     assert without - sum(encoded) == plain.training["n_tiles"] * 2 and again.model_id == plain.model_id
     encoded.clear()
-    conv = pg.tl.fit(synthetic_small, feature_cache=cache, **{**kwargs, "decoder": "conv"})
+    conv = pg.tl.fit(synthetic_small, feature_cache=cache,
+                     **{**kwargs, "decoder": pg.tl.DecoderConfig(width=8, block="conv")})
     assert without - sum(encoded) == plain.training["n_tiles"] * 2 and conv.model_id == conv_plain.model_id
     assert sorted(cache.iterdir()) == files
     # one directory for both: a resumed fit loads its members and its features
@@ -952,15 +954,17 @@ def test_fit_shares_encoded_tiles_through_a_feature_cache(synthetic_small, tmp_p
     assert without - sum(encoded) == plain.training["n_tiles"] * 2 and resumed.model_id == plain.model_id
     monkeypatch.setattr(PixNetModule, "encode", real_encode)
     # what the features depend on gets its own file; the first one is left as it was
-    pg.tl.fit(synthetic_small, feature_cache=cache, **{**kwargs, "stain_jitter": 0.0})
-    assert len(list(cache.iterdir())) == 2 and files[0].read_bytes() == (cache / files[0].name).read_bytes()
+    pg.tl.fit(synthetic_small, feature_cache=cache,
+              **{**kwargs, "training": pg.tl.TrainConfig(n_views=2, stain_jitter=0.0)})
+    assert len(list(cache.iterdir())) == 4 and files[1].read_bytes() == (cache / files[1].name).read_bytes()
     # a damaged file is named, not used
     broken = FeatureCache(cache, "0" * 32)
     broken.file.write_bytes(b"not a safetensors file")
+    broken.file.with_suffix(".json").write_text(json.dumps({"fingerprint": "0" * 32}))
     with pytest.raises(PixgeneInputError, match="is not readable"):
         broken.load(1, 1, [1])
     with pytest.raises(PixgeneInputError, match="finetune_levels"):
-        pg.tl.fit(synthetic_small, feature_cache=cache, **kwargs, training=pg.tl.TrainConfig(finetune_levels=1))
+        pg.tl.fit(synthetic_small, feature_cache=cache, **{**kwargs, "training": pg.tl.TrainConfig(finetune_levels=1)})
     (tmp_path / "file").write_text("x")
     with pytest.raises(PixgeneInputError, match="is a file"):
         pg.tl.fit(synthetic_small, feature_cache=tmp_path / "file", **kwargs)
@@ -1038,7 +1042,8 @@ def test_n_members_is_validated_and_fine_tuning_trains_one(synthetic_small):
     with pytest.raises(PixgeneInputError, match="tile_context_px"):
         pg.tl.fit(synthetic_small, genes=FIT_GENES[:2], progress=False, training=pg.tl.TrainConfig(tile_context_px=64, finetune_levels=1))
     kwargs = dict(genes=FIT_GENES[:2], max_epochs=1, n_members=1, progress=False, decoder=pg.tl.DecoderConfig(width=16), training=pg.tl.TrainConfig(n_views=1))
-    plain, wide = (pg.tl.fit(synthetic_small, **kwargs, training=pg.tl.TrainConfig(tile_context_px=c)) for c in (0, 64))
+    plain, wide = (pg.tl.fit(synthetic_small, **{**kwargs, "training": pg.tl.TrainConfig(n_views=1, tile_context_px=c)})
+                   for c in (0, 64))
     assert plain.training["params"]["tile_context_px"] == 0 and wide.training["params"]["tile_context_px"] == 64
     assert plain.model_id != wide.model_id  # the same tiles and views, other features
 

@@ -143,7 +143,8 @@ class _FoldResults:
         import anndata as ad
 
         for k, want in enumerate(fingerprints):
-            if self.store.finished(self._name(k), self.SUFFIX, want, f"fold {k}") is not None:
+            what = f"fold {k} of another denoise run"
+            if self.store.finished(self._name(k), self.SUFFIX, want, what) is not None:
                 self._saved[k] = ad.read_h5ad(self.store.payload(self._name(k), self.SUFFIX))
 
     @staticmethod

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ import numpy as np
 from .._core.raster import full_resolution
 from .._core.validate import fail
 from ..model import json_default, trained_state
+from ._store import ResumableStore
 
 logger = logging.getLogger(__name__)
 
@@ -80,75 +80,43 @@ def record_fingerprint(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def require_directory(what: str, path: str | os.PathLike) -> None:
-    """Fail unless ``path`` is a directory or does not exist yet (``what``: the argument, e.g. checkpoint_dir)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        fail(f"{what} {str(path)!r}", "is a file, not a directory", "Pass a directory (it is created if missing)")
-
-
 class MemberCheckpoints:
-    """The member files in ``path`` for a fit whose members have the given fingerprints (``path``: a directory
-    or not there yet, which :func:`pixgene.tl.fit` checks with :func:`require_directory` before any work)."""
+    """The member files in ``path`` for a fit whose members have the given fingerprints, in a
+    :class:`~pixgene.train._store.ResumableStore` (a member of another fit stops the fit here, before any
+    work)."""
+
+    SUFFIX = ".safetensors"
 
     def __init__(self, path: str | os.PathLike, fingerprints: list[str]) -> None:
-        self.path = Path(path)
+        self.store = ResumableStore(path, argument="checkpoint_dir")
         self.fingerprints = fingerprints
-        for k, want in enumerate(fingerprints):
-            record = self._record(k)
-            if record is not None and record.get("fingerprint") != want:
-                fail(
-                    f"checkpoint_dir {str(self.path)!r}",
-                    f"holds member {k} of another fit (other slides, genes, settings, seed or pixgene version)",
-                    "Pass a new or empty directory, or the data and settings of that fit to resume it",
-                )
-        self.path.mkdir(parents=True, exist_ok=True)
-
-    def _files(self, k: int) -> tuple[Path, Path]:
-        return self.path / f"member_{k}.json", self.path / f"member_{k}.safetensors"
-
-    def _record(self, k: int) -> dict | None:
-        meta, weights = self._files(k)
-        if not meta.is_file():
-            return None
-        try:
-            record = json.loads(meta.read_text())
-        except (OSError, ValueError):
-            fail(f"checkpoint_dir {str(self.path)!r}", f"{meta.name} is not readable JSON",
-                 "Delete that member's two files to train it again, or pass another directory")
-        if not weights.is_file():
-            fail(f"checkpoint_dir {str(self.path)!r}", f"{meta.name} has no {weights.name}",
-                 "Delete that member's files to train it again, or pass another directory")
-        return record
+        self.records = [self.store.finished(f"member_{k}", self.SUFFIX, want, f"member {k} of another fit")
+                        for k, want in enumerate(fingerprints)]
 
     def done(self, k: int) -> bool:
-        return self._record(k) is not None
+        return self.records[k] is not None
 
     def load(self, k: int, module, tuned_keys: list[str]) -> tuple[list[dict], dict]:
         """Put member ``k``'s saved tensors into ``module`` (its single-member view); its history and summary."""
         from safetensors.torch import load_file
 
-        meta, weights = self._files(k)
-        record = self._record(k)
+        weights = self.store.payload(f"member_{k}", self.SUFFIX)
         state = load_file(str(weights))
         want = trained_state(module, tuned_keys)
         if set(state) != set(want) or any(state[n].shape != want[n].shape for n in want):
-            fail(f"checkpoint_dir {str(self.path)!r}", f"{weights.name} does not fit member {k}'s architecture",
-                 "Delete that member's files to train it again, or pass another directory")
+            fail(f"checkpoint_dir {str(self.store.path)!r}", f"{weights.name} does not fit member {k}'s "
+                 "architecture", "Delete that member's files to train it again, or pass another directory")
         module.load_state_dict(state, strict=False)  # the frozen encoder's tensors are not in the file
         logger.info("member %d loaded from %s (trained before; not trained again)", k, weights)
-        return record["history"], record["summary"]
+        return self.records[k]["history"], self.records[k]["summary"]
 
     def save(self, k: int, module, tuned_keys: list[str], history: list[dict], summary: dict) -> None:
-        """Write member ``k`` (weights first, then the record that marks it complete; each file atomically)."""
+        """Write member ``k``: its weights, then the record that marks it complete."""
         from safetensors.torch import save_file
 
-        meta, weights = self._files(k)
         state = {n: v.detach().cpu().contiguous() for n, v in trained_state(module, tuned_keys).items()}
-        tmp = weights.with_name(weights.name + ".tmp")
-        save_file(state, str(tmp), metadata={"fingerprint": self.fingerprints[k]})
-        os.replace(tmp, weights)
-        record = {"fingerprint": self.fingerprints[k], "member": k, "history": history, "summary": summary}
-        tmp = meta.with_name(meta.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1, default=json_default))
-        os.replace(tmp, meta)
-        logger.info("member %d saved to %s", k, weights)
+        self.store.save(f"member_{k}", self.SUFFIX, self.fingerprints[k],
+                        lambda tmp: save_file(state, str(tmp), metadata={"fingerprint": self.fingerprints[k]}),
+                        {"member": k, "history": history, "summary": summary}, default=json_default)
+        self.records[k] = {"history": history, "summary": summary}
+        logger.info("member %d saved to %s", k, self.store.payload(f"member_{k}", self.SUFFIX))

@@ -17,27 +17,30 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 from .._core.validate import fail
+from ._store import ResumableStore
 
 logger = logging.getLogger(__name__)
 
 
 class FeatureCache:
-    """The directory of encoded training features and the file of one fingerprint in it (the fingerprint:
-    :func:`pixgene.tl._checkpoint.record_fingerprint` of what the features depend on). ``path`` is a directory
-    or not there yet, which :func:`pixgene.tl.fit` checks with ``require_directory`` before any work."""
+    """The encoded training features of one fingerprint (:func:`~pixgene.train._checkpoint.record_fingerprint`
+    of what they depend on) in a :class:`~pixgene.train._store.ResumableStore`; features of other fingerprints
+    in the same directory are other fits' and are left alone."""
+
+    SUFFIX = ".safetensors"
 
     def __init__(self, path: str | os.PathLike, fingerprint: str) -> None:
-        self.path = Path(path)
+        self.store = ResumableStore(path, argument="feature_cache")
         self.fingerprint = fingerprint
-        self.file = self.path / f"features_{fingerprint}.safetensors"
+        self.name = f"features_{fingerprint}"
+        self.file = self.store.payload(self.name, self.SUFFIX)
 
     def load(self, n_tiles: int, n_views: int, levels: list[int]) -> list[Any] | None:
-        """The cached features (one float16 tensor per level in ``levels``), or None when there is no file."""
-        if not self.file.is_file():
+        """The cached features (one float16 tensor per level in ``levels``), or None when there are none."""
+        if self.store.finished(self.name, self.SUFFIX, self.fingerprint, "encoded tiles of another fit") is None:
             return None
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -45,24 +48,23 @@ class FeatureCache:
         try:
             state = load_file(str(self.file))
         except (OSError, SafetensorError) as err:
-            fail(f"feature_cache {str(self.path)!r}", f"{self.file.name} is not readable ({err})",
+            fail(f"feature_cache {str(self.store.path)!r}", f"{self.file.name} is not readable ({err})",
                  "Delete that file to encode the tiles again")
         keys = [f"level_{i}" for i in levels]
         if sorted(state) != sorted(keys) or any(state[k].shape[:2] != (n_tiles, n_views) for k in keys):
-            fail(f"feature_cache {str(self.path)!r}", f"{self.file.name} does not hold {n_tiles} tiles x "
+            fail(f"feature_cache {str(self.store.path)!r}", f"{self.file.name} does not hold {n_tiles} tiles x "
                  f"{n_views} views of levels {levels}", "Delete that file to encode the tiles again")
         logger.info("training tiles' features loaded from %s (not encoded again)", self.file)
         return [state[k] for k in keys]
 
     def save(self, features: list[Any], levels: list[int]) -> None:
-        """Write the features (atomically; an existing file of this fingerprint is kept as it is)."""
+        """Write the features (an existing piece of this fingerprint is kept as it is)."""
         from safetensors.torch import save_file
 
-        if self.file.is_file():
+        if self.store.record(self.name, self.SUFFIX) is not None:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_name(f"{self.file.name}.{os.getpid()}.tmp")
-        save_file({f"level_{i}": f.contiguous() for i, f in zip(levels, features, strict=True)}, str(tmp),
-                  metadata={"fingerprint": self.fingerprint})
-        os.replace(tmp, self.file)
+        tensors = {f"level_{i}": f.contiguous() for i, f in zip(levels, features, strict=True)}
+        self.store.save(self.name, self.SUFFIX, self.fingerprint,
+                        lambda tmp: save_file(tensors, str(tmp), metadata={"fingerprint": self.fingerprint}),
+                        {"levels": list(levels)})
         logger.info("training tiles' features saved to %s", self.file)
