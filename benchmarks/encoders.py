@@ -56,12 +56,12 @@ def materialise(name: str):
     layer scales, zeros for biases, small noise for tokens and position embeddings)."""
     import torch
 
-    import pixgene as pg
+    from pixgene import _bench
 
-    entry = pg.nn.encoder_entry(name)
+    entry = _bench.encoder_entry(name)
     if entry.family != "vit":
-        return pg.nn.build_encoder(name, weights=None)
-    encoder = pg.nn.build_encoder(name, weights=None, weight_init="skip")
+        return _bench.build_encoder(name, weights=None)
+    encoder = _bench.build_encoder(name, weights=None, weight_init="skip")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for pname, p in encoder.named_parameters():
@@ -81,11 +81,11 @@ def static_facts(name: str, crop: int) -> dict:
     """Parameters, FLOPs per pixel and feature cache size, all from the meta device (no memory, no compute)."""
     import torch
 
-    import pixgene as pg
+    from pixgene import _bench
 
-    entry = pg.nn.encoder_entry(name)
+    entry = _bench.encoder_entry(name)
     with torch.device("meta"):
-        encoder = pg.nn.build_encoder(name, weights=None)
+        encoder = _bench.build_encoder(name, weights=None)
         compact = encoder.compact(torch.empty(1, 3, crop, crop))
     levels = [k for k, r in enumerate(encoder.reductions) if r >= OUT_STRIDE]
     per_crop = sum(compact[k].numel() for k in levels) * CACHE_BYTES
@@ -102,7 +102,7 @@ def static_facts(name: str, crop: int) -> dict:
         "channels": encoder.channels,
         "reductions": encoder.reductions,
         "params": int(sum(p.numel() for p in encoder.parameters())),
-        "flops_per_px": float(pg.nn.encoder_flops_per_pixel(encoder, size=crop)),
+        "flops_per_px": float(_bench.encoder_flops_per_pixel(encoder, size=crop)),
         "cache_levels": levels,
         "cache_shapes": [list(compact[k].shape[1:]) for k in levels],
         "cache_bytes_per_mm2": per_crop / crop_mm2,
@@ -138,9 +138,9 @@ def _time_passes(run) -> tuple[float, float, int]:
 def time_encoder(name: str, crop: int) -> dict:
     import torch
 
-    import pixgene as pg
+    from pixgene import _bench
 
-    entry = pg.nn.encoder_entry(name)
+    entry = _bench.encoder_entry(name)
     t0 = time.perf_counter()
     encoder = materialise(name)
     built = time.perf_counter() - t0
@@ -170,9 +170,9 @@ def _encode(encoder, x, dtype):
 def run(args) -> dict:
     import torch
 
-    import pixgene as pg
+    from pixgene import _bench
 
-    names = args.names or pg.nn.list_encoders()
+    names = args.names or _bench.list_encoders()
     torch.set_num_threads(args.threads)
     # every encoder here is random on purpose: not worth a warning per build
     logging.getLogger("pixgene.nn._build").setLevel(logging.ERROR)
@@ -183,7 +183,7 @@ def run(args) -> dict:
         log.info("%s: counting on the meta device", name)
         row = static_facts(name, args.crop)
         if not args.no_time:
-            key = architecture_key(pg.nn.encoder_entry(name))
+            key = architecture_key(_bench.encoder_entry(name))
             if key in timed:
                 first, timing = timed[key]
                 row["timing"] = {**timing, "same_architecture_as": first}

@@ -29,8 +29,7 @@ import _report
 import numpy as np
 
 import pixgene as pg
-from pixgene._core.raster import full_resolution
-from pixgene._core.units import recorded_um_per_px
+from pixgene._bench import full_resolution, recorded_um_per_px
 
 log = logging.getLogger("segment")
 
@@ -64,8 +63,7 @@ def match_iou(seg, true, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray
 
 
 def scores(pred, pred_total, true, true_total, genes) -> dict:
-    from pixgene._core.normalize import log_normalize_np
-    from pixgene.tl._evaluate import score_matrices
+    from pixgene._bench import log_normalize_np, score_matrices
 
     s = score_matrices(log_normalize_np(pred, pred_total), log_normalize_np(true, true_total), genes).summary
     return {k: round(float(s[k]), 4) for k in ("PCC@F", "PCC@S", "PCC@M")} | {"n_cells": len(pred)}
@@ -74,7 +72,7 @@ def scores(pred, pred_total, true, true_total, genes) -> dict:
 def synthetic_part(seed: int) -> dict:
     import pandas as pd
 
-    from pixgene._core.keys import INSTANCE_KEY, TOTAL_OBS
+    from pixgene._bench import INSTANCE_KEY, TOTAL_OBS
 
     t = time.perf_counter()
     sdata = pg.datasets.synthetic(seed)

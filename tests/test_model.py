@@ -222,7 +222,7 @@ def test_finetuned_encoder_is_trained_saved_and_restored(synthetic_small, tmp_pa
     from conftest import FIT_GENES
 
     import pixgene as pg
-    from pixgene.nn._encoders import build_encoder
+    from pixgene.nn import build_encoder
 
     model = pg.tl.fit(synthetic_small, genes=FIT_GENES[:3], max_epochs=1, progress=False, random_state=1, decoder=pg.tl.DecoderConfig(width=16), training=pg.tl.TrainConfig(n_views=1, finetune_levels=1))
     pristine = build_encoder("efficientnet_lite0").state_dict()
@@ -686,7 +686,7 @@ def test_vit_training_cache_holds_token_grids_that_expand_to_the_cached_pyramid(
     from pixgene.data._reader import SlideReader
     from pixgene.data._training import SlideSpots
     from pixgene.model._standardize import feature_stats
-    from pixgene.nn._encoders import build_encoder
+    from pixgene.nn import build_encoder
     from pixgene.nn._pixnet import PixNetModule
     from pixgene.train._cache import build_cache
 
@@ -728,7 +728,7 @@ def test_vit_fit_on_token_grids_matches_a_fit_on_the_cached_pyramid(synthetic_sm
     from spatialdata import deepcopy
 
     import pixgene as pg
-    from pixgene.nn._encoders import ViTEncoder
+    from pixgene.nn import ViTEncoder
 
     def fitted():
         return pg.tl.fit(deepcopy(synthetic_small_session), genes=FIT_GENES[:3], encoder='vit_tiny_patch16_224', encoder_weights=None, max_epochs=2, progress=False, random_state=0, decoder=pg.tl.DecoderConfig(width=8), training=pg.tl.TrainConfig(n_views=2, tile_context_px=0))  # the token grids are cached without context: the pyramid alike
@@ -744,7 +744,7 @@ def test_vit_fit_on_token_grids_matches_a_fit_on_the_cached_pyramid(synthetic_sm
 
 
 def _lite0_module(precision: str):
-    from pixgene.nn._encoders import build_encoder
+    from pixgene.nn import build_encoder
     from pixgene.nn._pixnet import PixNetModule
 
     torch.manual_seed(0)
@@ -807,7 +807,7 @@ def test_precision_is_recorded_saved_and_validated(synthetic_small, tmp_path, mo
 
 
 def test_members_module_decodes_the_mean_of_its_members_and_one_member_keeps_the_single_layout():
-    from pixgene.nn._encoders import build_encoder
+    from pixgene.nn import build_encoder
     from pixgene.nn._pixnet import PixNetModule
 
     enc = build_encoder("efficientnet_lite0")
@@ -1055,7 +1055,7 @@ def test_training_context_gives_the_features_a_whole_slide_pass_has():
 
     from pixgene.data._reader import SlideReader
     from pixgene.data._training import SlideSpots
-    from pixgene.nn._encoders import build_encoder
+    from pixgene.nn import build_encoder
     from pixgene.nn._pixnet import PixNetModule
     from pixgene.train._cache import build_cache
 
@@ -1113,7 +1113,7 @@ def test_cache_read_ahead_keeps_the_views_and_their_jitter_in_order(monkeypatch)
 
     from pixgene.data import _training
     from pixgene.data._reader import SlideReader
-    from pixgene.nn._encoders import build_encoder
+    from pixgene.nn import build_encoder
     from pixgene.nn._pixnet import PixNetModule
     from pixgene.train import _cache
 

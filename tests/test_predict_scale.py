@@ -26,7 +26,7 @@ def _model(block: str = "conv", width: int = 8, genes=("A", "B", "C"), um_per_px
     import torch
 
     from pixgene.model._pixnet import PixNet, build_module
-    from pixgene.nn._encoders import build_encoder
+    from pixgene.nn import build_encoder
 
     encoder = build_encoder("efficientnet_lite0", weights="default", um_per_px=um_per_px)
     config = encoder.config()

@@ -5,10 +5,9 @@ change or go in any release. Users should not import it. The benchmarks import `
 ``pg.datasets``, ``pg.pp``, ``pg.tl``, ``pg.pl`` and this module alone (``tests/test_bench_imports.py``), so
 that pixgene's private modules can move without breaking them: a benchmark that needs one more internal name
 gets it here, re-exported from a layer package's public names (``pixgene.data``, ``pixgene.model``,
-``pixgene.train``, ``pixgene.infer``, ``pixgene.nn``) or from a ``pixgene._core`` module. Three exceptions:
-``score_matrices`` is this module's own (``pixgene.tl`` scores tables, not arrays); ``ChannelLayerNorm`` and
-``WindowAttention`` come from the module that defines them while ``pixgene.nn`` does not export them; and
-``training_plan`` is a private module re-exported whole, for the two scripts that patch it.
+``pixgene.train``, ``pixgene.infer``, ``pixgene.nn``) or from a ``pixgene._core`` module. Two exceptions:
+``score_matrices`` is this module's own (``pixgene.tl`` scores tables, not arrays), and ``training_plan`` is
+a private module re-exported whole, for the two scripts that patch it.
 
 ``import pixgene._bench`` does not import torch: the names from ``pixgene.nn`` and ``training_plan`` are
 imported on first use.
@@ -58,6 +57,8 @@ Network parts (``pixgene.nn``; torch, imported on first use)
 - ``resolve_precision``: ``"auto"`` -> ``"bf16"`` or ``"32"`` for a device
 - ``ChannelLayerNorm``: the decoder's channel LayerNorm (``train_step.py`` swaps its ``forward``)
 - ``WindowAttention``: the fusion blocks' window attention (``step_layout.py`` swaps its ``_windows``)
+- ``list_encoders``: the registered encoder names
+- ``encoder_entry``: a registered encoder's entry (architecture, normalisation, um/px, source, licence)
 
 The training plan's module (torch and Lightning, imported on first use)
 
@@ -91,11 +92,8 @@ from pixgene.model import PixNet, build_module
 from pixgene.train import working_um_per_px
 
 #: names from ``pixgene.nn``, imported on first use (it imports torch)
-_NN = ("build_encoder", "encoder_flops_per_pixel", "resolve_precision", "ChannelLayerNorm", "WindowAttention")
-
-#: nn names the benchmarks need that ``pixgene.nn`` does not export yet, and the module that defines them:
-#: used only while ``pixgene.nn`` lacks them (an entry goes once ``pixgene.nn`` exports its name)
-_NN_NOT_EXPORTED = {"ChannelLayerNorm": "pixgene.nn._decoder", "WindowAttention": "pixgene.nn._decoder"}
+_NN = ("build_encoder", "encoder_flops_per_pixel", "resolve_precision", "ChannelLayerNorm", "WindowAttention",
+       "list_encoders", "encoder_entry")
 
 #: modules re-exported whole, for the benchmarks that replace their functions; imported on first use
 _MODULES = {"training_plan": "pixgene.train._plan"}
@@ -112,12 +110,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _NN:
-        nn = importlib.import_module("pixgene.nn")
-        value = getattr(nn, name, None)
-        if value is None and name in _NN_NOT_EXPORTED:
-            value = getattr(importlib.import_module(_NN_NOT_EXPORTED[name]), name)
-        if value is None:
-            raise AttributeError(f"pixgene.nn does not export {name!r}, which pixgene._bench re-exports")
+        value = getattr(importlib.import_module("pixgene.nn"), name)
     elif name in _MODULES:
         value = importlib.import_module(_MODULES[name])
     else:
