@@ -1296,8 +1296,7 @@ def _assemble(
     from spatialdata.transformations import Scale, Sequence
 
     from .._core.coords import transformations_of
-    from ..data import circle_weights
-    from ..data import build_spot_sdata
+    from ..data import build_spot_sdata, circle_weights
 
     rows, cols, centres_um = _spot_grid(layout["size_um"], spot_pitch_um, spot_diameter_um)
     keep = shapely.contains_xy(layout["tissue"], centres_um[:, 0], centres_um[:, 1])

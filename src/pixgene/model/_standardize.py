@@ -7,8 +7,7 @@ import logging
 
 import numpy as np
 
-from ..data import SlideReader
-from ..data import TrainingCache
+from ..data import SlideReader, TrainingCache
 
 logger = logging.getLogger(__name__)
 

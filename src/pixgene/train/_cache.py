@@ -7,8 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..data import dihedral, stain_jitter
-from ..data import SlideSpots, TileView, TrainingCache, plan_tiles, spots_inside
+from ..data import SlideSpots, TileView, TrainingCache, dihedral, plan_tiles, spots_inside, stain_jitter
 
 logger = logging.getLogger(__name__)
 
