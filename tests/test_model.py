@@ -1176,3 +1176,28 @@ def test_fit_on_fewer_than_ten_spots_trains_every_epoch_without_validation(synth
     assert model.training["epochs_run"] == 3 and model.training["best_epoch"] == 2
     assert [h["epoch"] for h in model.history] == [0, 1, 2]
     assert all("val_loss" not in h for h in model.history)
+
+
+#: model ids of fits recorded with the code before the package was reorganised into layers (this machine's
+#: kind: a CPU computing in bfloat16 autocast); the same seed must still make the same model, to the bit
+RECORDED_IDS = {"small": "add0bc2abcee1bd5", "demo": "4935bc6e52b913c2"}
+
+
+def test_the_same_seed_makes_the_model_recorded_before_the_reorganisation(fitted_session):
+    _, model = fitted_session
+    if model.decoder_config["precision"] != "bf16":
+        pytest.skip("the ids were recorded on a CPU that computes in bfloat16")
+    assert model.model_id == RECORDED_IDS["small"]
+
+
+@pytest.mark.slow
+def test_the_demo_sized_fit_makes_the_model_recorded_before_the_reorganisation():
+    """The fit ``pixgene demo`` makes (synthetic seed 0, 30 highly variable genes, 25 epochs, seed 0)."""
+    import pixgene as pg
+
+    sdata = pg.datasets.synthetic(seed=0)
+    genes = pg.pp.select_genes(sdata, n_top=30, flavor="hvg")
+    model = pg.tl.fit(sdata, genes=genes, max_epochs=25, random_state=0, progress=False)
+    if model.decoder_config["precision"] != "bf16":
+        pytest.skip("the ids were recorded on a CPU that computes in bfloat16")
+    assert model.model_id == RECORDED_IDS["demo"]
