@@ -268,10 +268,10 @@ _REGISTRY: dict[str, EncoderEntry] = {
         blocks=(7, 15, 23, 31), patch_size=14, img_size=224, reg_tokens=4, small=_SMALL_SWIGLU,
         title="Virchow2", source="https://huggingface.co/paige-ai/Virchow2", licence=_CC_BY_NC_ND,
         note="Virchow2's embedding is the class token next to the mean patch token; the pyramid uses the patch "
-        "tokens of the tapped blocks. Built as the model card's timm call; timm's default for "
-        "vit_huge_patch14_224 gives the class and register tokens position embeddings (pos_embed of 261 "
-        "rows). If the published file has 256 rows instead, the load names pos_embed as mis-shaped: pass "
-        "no_embed_class=True. Trained on 5x to 40x; 0.5 um/px (20x) is pixgene's choice.",
+        "tokens of the tapped blocks. Built as the published config.json (model_args: img_size 224, "
+        "init_values 1e-5, reg_tokens 4, mlp_ratio 5.3375, dynamic_img_size; no no_embed_class, so pos_embed "
+        "has 261 rows: 256 patches, the class and 4 register tokens). Trained on 5x to 40x; 0.5 um/px (20x) is "
+        "pixgene's choice.",
         about="Virchow2 (ViT-H/14 with 4 registers, SwiGLU, Paige)",
     ),
     "phikon_v2": EncoderEntry(
