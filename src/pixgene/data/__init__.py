@@ -8,7 +8,7 @@ from ._mask import block_mean, mask_fraction_in_region, tissue_mask
 from ._operator import integrate_labels, integrate_map
 from ._reader import SlideReader
 from ._segment import expand_cells, hematoxylin, label_polygons, nuclei_threshold, nucleus_mask, split_nuclei
-from ._slides import SpotSlide, linked_table_rows, prepare_spot_slide
+from ._slides import SpotSlide, linked_table_rows, prepare_spot_slide, select_slide_spots, spot_selection
 from ._training import SlideSpots, TileView, TrainingCache, plan_tiles, spots_inside
 
 __all__ = [
@@ -19,4 +19,5 @@ __all__ = [
     "spots_inside", "SpotSlide", "stain_jitter", "TileView", "tissue_mask", "TrainingCache",
     "TTA_CHOICES", "TTA_TRANSFORMS",
     "block_mean",
+    "select_slide_spots", "spot_selection",
 ]

@@ -7,12 +7,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from .._core.docs import doc_params
-from .._core.keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY
+from .._core.keys import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, UNS_KEY
 from .._core.validate import check_genes, check_int, check_positive, fail
-from ..data import SpotSlide, prepare_spot_slide
-from ..model import DecoderConfig, TrainConfig
-from ..model import remember_model
+from ..data import SpotSlide, prepare_spot_slide, select_slide_spots
+from ..model import DecoderConfig, TrainConfig, remember_model
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +31,14 @@ def as_list(x: Any) -> list:
 
 def resolve_genes(genes: Sequence[str] | None, slides: list[SpotSlide], *, select: bool = True) -> list[str]:
     """``genes`` checked against every slide's table; if None, those marked by ``pg.pp.select_genes``, or (when
-    none are marked and ``select``) the ones it picks by default on these slides, marked as it marks them."""
+    none are marked and ``select``) the ones it picks by default on these slides (on the selected spots of a
+    slide that holds a subset of its spots), marked as it marks them."""
     if genes is None:
         var = slides[0].table.var
         if SELECTED_VAR in var:
             genes = var.index[var[SELECTED_VAR].astype(bool)].tolist()
+        elif select and any(s.selection is not None for s in slides):
+            genes = _select_on_subsets(slides)
         elif select:
             from ..pp import select_genes
 
@@ -47,6 +51,44 @@ def resolve_genes(genes: Sequence[str] | None, slides: list[SpotSlide], *, selec
     for s in slides:
         check_genes(genes, s.table.var_names, f"table {s.table_key!r}")
     return list(genes)
+
+
+def _select_on_subsets(slides: list[SpotSlide]) -> list[str]:
+    """``pg.pp.select_genes``' default choice on the slides' own spots (only the selected ones where a slide
+    holds a subset: the other spots' counts take no part), marked in every slide's full table as it marks
+    them, with the number of spots it chose on."""
+    from types import SimpleNamespace
+
+    from ..pp import select_genes
+
+    key = slides[0].table_key
+    views = [SimpleNamespace(tables={key: s.table.copy()}) for s in slides]
+    genes = select_genes(views, table_key=key)
+    for s, view in zip(slides, views, strict=True):
+        table = s.sdata.tables[s.table_key]
+        table.var[SELECTED_VAR] = table.var_names.isin(genes)
+        record = dict(view.tables[key].uns[UNS_KEY]["select_genes"])
+        record["n_spots"] = int(s.table.n_obs)
+        table.uns[UNS_KEY] = {**table.uns.get(UNS_KEY, {}), "select_genes": record}
+    return genes
+
+
+def spots_per_slide(spots: Any, sdatas: list, shapes_key: str) -> list:
+    """One spot selection per slide: ``spots`` itself when it is a list or tuple of one selection per slide
+    (each None, a mask or list of ids, a shapely polygon, or the name of one of that slide's shapes elements),
+    else ``spots`` for every slide."""
+    import shapely
+
+    def one(x: Any, sd: Any) -> bool:
+        if x is None or isinstance(x, shapely.Geometry):
+            return True
+        if isinstance(x, str):
+            return x in sd.shapes and x != shapes_key
+        return np.ndim(x) == 1
+
+    if isinstance(spots, list | tuple) and len(spots) == len(sdatas) and all(map(one, spots, sdatas)):
+        return list(spots)
+    return [spots] * len(sdatas)
 
 
 def check_fit_options(*, encoder_um_per_px: Any, n_members: Any, max_epochs: Any, decoder: Any, training: Any,
@@ -83,6 +125,7 @@ def fit(
     sdata: Any,
     *,
     genes: Sequence[str] | None = None,
+    spots: Any = None,
     image_key: str = IMAGE_KEY,
     shapes_key: str = SPOTS_KEY,
     table_key: str = TABLE_KEY,
@@ -117,6 +160,21 @@ def fit(
         Genes to model. Default: those marked by :func:`pixgene.pp.select_genes`; if none are marked, the
         genes ``pg.pp.select_genes`` picks with its defaults (50 highly variable genes) on these slides,
         marked in their tables as it marks them.
+    spots
+        Train on these spots only (default: every spot with counts). A boolean mask over the rows of the
+        shapes element ``shapes_key``; a list of ids from its index (integers are ids, never row numbers); or
+        a region, the spots whose centre (a circle's point, a polygon's bounding-box centre) lies inside it or
+        on its boundary: the name of a shapes element of polygons in the SpatialData (carried into the spots'
+        coordinates through the coordinate systems they share) or a shapely (Multi)Polygon in the spots' own
+        coordinate system. With several slides: one selection per slide (a list or tuple as long as the list
+        of slides, ``None`` for all of a slide's spots) or one for every slide. The other spots' counts take
+        no part: neither in training nor in the genes chosen when none are given (a selection marked before by
+        ``pg.pp.select_genes`` on every spot is used as it is); their image does, as the image around every
+        training tile and in each slide's feature statistics. The model records which spots trained in
+        ``model.training["slides"][i]["spots"]`` (``n``, ``of``, ``how``, ``sha256`` of the ids and the ids
+        themselves, or runs of shapes rows beyond 100,000 spots; no entry for a slide whose every spot with
+        counts trained). A mask of another length, unknown ids, ids of spots without counts and selections
+        that hold no measured spot are refused before any work.
     {spot_keys}
     {image_um_per_px}
     encoder, encoder_weights
@@ -163,8 +221,7 @@ def fit(
     object lives, so that :func:`pixgene.tl.predict_dense` can follow without ``model=``;
     ``sdata.attrs["pixgene"]["model"]`` records its id, genes and encoder (and, once saved, its directory).
     """
-    from ..train import require_directory
-    from ..train import FitOptions, fit_model
+    from ..train import FitOptions, fit_model, require_directory
 
     sdatas = as_list(sdata)
     if not sdatas:
@@ -184,6 +241,11 @@ def fit(
         prepare_spot_slide(s, image_key=image_key, shapes_key=shapes_key, table_key=table_key, um_per_px=u)
         for s, u in zip(sdatas, ums, strict=True)
     ]
+    if spots is not None:
+        slides = [s if sel is None else select_slide_spots(s, sel, argument=f"spots of slide {i}" if
+                                                           len(slides) > 1 else "spots")
+                  for i, (s, sel) in enumerate(zip(slides, spots_per_slide(spots, sdatas, shapes_key),
+                                                   strict=True))]
     genes = resolve_genes(genes, slides)
     options = FitOptions(
         image_key=image_key, shapes_key=shapes_key, table_key=table_key, encoder=encoder,
