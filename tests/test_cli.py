@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from conftest import FIT_GENES
 
 import pixgene as pg
-from conftest import FIT_GENES
 
 
 def test_cli_predicts_an_ome_tiff_and_reads_the_map_out_over_segmented_cells(synthetic_small, tmp_path, capsys):
