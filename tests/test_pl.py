@@ -23,7 +23,7 @@ import pixgene as pg  # noqa: E402
 from pixgene._core.keys import TOTAL_CHANNEL, TOTAL_OBS  # noqa: E402
 from pixgene._core.units import record_um_per_px  # noqa: E402
 from pixgene._core.validate import PixgeneInputError  # noqa: E402
-from pixgene.io._build import build_spot_sdata  # noqa: E402
+from pixgene.data._build import build_spot_sdata  # noqa: E402
 
 H, W = 120, 200
 UM_PER_PX = 0.5
