@@ -170,3 +170,23 @@ def test_the_design_cards_calls_run_verbatim_on_a_fresh_synthetic_slide():
     want = cell_integrals_by_sampling(sdata, "he_pixgene", "cells", ids)
     got = X[:: max(1, cells.n_obs // 25)]
     np.testing.assert_allclose(got.sum(1), want[:, : cells.n_vars].sum(1), rtol=0.03)
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_the_design_cards_calls_run_verbatim_on_a_her2st_section():
+    """On a real section, with cells from the embedded segmentation: the same calls, no other argument."""
+    from conftest import data_dir
+
+    if data_dir() is None:
+        pytest.skip("the real data (../shared/data or $PIXGENE_DATA_DIR) are not here")
+    sdata = pg.datasets.her2st("C2")
+    pg.tl.fit(sdata)
+    pg.tl.predict_dense(sdata)
+    pg.tl.segment_cells(sdata)
+    cells = pg.tl.aggregate(sdata, shapes="cells")
+    X = np.asarray(cells.X)
+    assert np.isfinite(X).all() and (X >= 0).all() and cells.n_obs > 10_000
+    step = max(1, cells.n_obs // 25)
+    want = cell_integrals_by_sampling(sdata, "he_pixgene", "cells", cells.obs["instance_id"].to_numpy()[::step])
+    np.testing.assert_allclose(X[::step].sum(1), want[:, : cells.n_vars].sum(1), rtol=0.03)
