@@ -186,3 +186,13 @@ def test_bad_fit_options_fail_before_work(synthetic_small, option, message):
         pg.tl.fit(synthetic_small, genes=GENES, progress=False, decoder=pg.tl.DecoderConfig(**decoder),
                   training=pg.tl.TrainConfig(**training), **own)
     assert _elements(synthetic_small) == before
+
+
+def test_aggregate_over_cells_a_slide_does_not_have_names_the_ways_to_make_them(synthetic_small):
+    del synthetic_small.shapes["cells"]
+    with pytest.raises(PixgeneInputError, match=r"shapes 'cells': not found .*'spots'.*segment_cells.*read_cells"
+                                                r".*make_grid"):
+        pg.tl.aggregate(synthetic_small, shapes="cells")
+    with pytest.raises(PixgeneInputError, match=r"shapes 'nuclei'.*make_grid") as err:
+        pg.tl.aggregate(synthetic_small, shapes="nuclei")
+    assert "segment_cells" not in str(err.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -31,6 +32,8 @@ class ChunkStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.array_path = self.root / "level0.zarr"
+        #: the members' own maps (``predict_dense(uncertainty=True)``), chunked like the mean map
+        self.members_path = self.root / "members.zarr"
         self.done_dir = self.root / "done"
 
     @staticmethod
@@ -40,10 +43,13 @@ class ChunkStore:
     def done(self) -> set[str]:
         return {p.name for p in self.done_dir.iterdir()} if self.done_dir.is_dir() else set()
 
-    def write(self, block: tuple[int, int, int, int], values: np.ndarray) -> None:
+    def write(self, block: tuple[int, int, int, int], values: np.ndarray, members: np.ndarray | None = None) -> None:
+        """Write a chunk of the mean map (and of the members' maps), then mark it done."""
         import zarr
 
         oy0, oy1, ox0, ox1 = block
+        if members is not None:
+            zarr.open_array(str(self.members_path), mode="r+")[:, oy0:oy1, ox0:ox1] = members
         zarr.open_array(str(self.array_path), mode="r+")[:, oy0:oy1, ox0:ox1] = values
         (self.done_dir / self.name(block)).touch()
 
@@ -61,6 +67,51 @@ class ModelPart:
     tile_hw: tuple[int, int]
     weight: float = 1.0  # its share of the mean (the weights of a prediction's models sum to 1)
     tta: int = 1  # test-time transforms averaged (PixNet.predict_intensity)
+    members: bool = False  # also return every member's own map (predict_dense(uncertainty=True))
+
+
+
+def predict_members(model: Any, tiles: np.ndarray, tta: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`PixNet.predict_intensity` of (B, 3, H, W) tiles, and every member's own map, from one encoding.
+
+    Returns ``(mean, members)``: ``mean`` (B, C, h, w) is ``model.predict_intensity(tiles, tta)`` to the bit,
+    ``members`` (B, n_members, C, h, w) holds what ``model.member(k).predict_intensity(tiles, tta)`` gives for
+    each k (float32). Each transform's tiles are encoded once (``module.encode``); each member decodes them
+    through its single-member view (``module.member(k).decode``), and the mean is their float32 sum, in member
+    order, over the number of members: the very operations of ``PixNetModule.decode`` (whose heads return
+    float32 in every precision), so nothing of the mean changes. The decoders run once each, as in a plain
+    prediction; what is added is holding the members' maps (n_members times the output tile) and the copies.
+    """
+    import torch
+
+    from ..data import TTA_TRANSFORMS, dihedral, dihedral_inverse
+    from ..model import check_tta
+
+    check_tta(tta)
+    module = model.module
+    n = int(module.n_members)
+    views = [module.member(k) for k in range(n)]
+    x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
+    if tta > 1 and (x.shape[-1] % model.alignment or x.shape[-2] % model.alignment):
+        raise ValueError(f"tiles of {x.shape[-2]} x {x.shape[-1]} px are not multiples of the model's "
+                         f"alignment ({model.alignment} px), which test-time transforms need")
+    x = x.to(next(module.head.parameters()).device)
+    mean, members = None, [None] * n
+    with torch.inference_mode():
+        for d in TTA_TRANSFORMS[:tta]:
+            features = module.encode(dihedral(x, d))
+            parts = [view.decode(features) for view in views]
+            total = None
+            for part in parts:
+                total = part if total is None else total + part
+            y = dihedral_inverse((total.float() / n if n > 1 else total.float()).contiguous().float(), d)
+            mean = y if mean is None else mean + y
+            for k, part in enumerate(parts):
+                y = dihedral_inverse(part.float(), d)
+                members[k] = y if members[k] is None else members[k] + y
+        mean = (mean / tta if tta > 1 else mean).cpu().numpy()
+        stacked = torch.stack([m / tta if tta > 1 else m for m in members], dim=1).cpu().numpy()
+    return mean, stacked
 
 
 
@@ -80,6 +131,7 @@ def predict_chunks(parts: list[ModelPart], blocks, store, dtype: str, device: st
     import torch
 
     sums: list[np.ndarray] | None = None
+    member_maps: list[np.ndarray] | None = None
     for part in parts:
         move_model(part.model, device or default_device())
         origins = [part.grid.read_window(*b)[:2] for b in blocks]
@@ -90,22 +142,30 @@ def predict_chunks(parts: list[ModelPart], blocks, store, dtype: str, device: st
         if threads is not None and threads != before:
             torch.set_num_threads(threads)
         try:
-            lam = part.model.predict_intensity(tiles, part.tta)
+            if part.members:
+                lam, lam_members = predict_members(part.model, tiles, part.tta)
+            else:
+                lam = part.model.predict_intensity(tiles, part.tta)
         finally:
             if torch.get_num_threads() != before:
                 torch.set_num_threads(before)
         maps = [resample_to_output(one, part.grid, block, x0, y0)
                 for block, (x0, y0), one in zip(blocks, origins, lam, strict=True)]
+        if part.members:
+            # (n_members * C, h, w) per block, member-major: channel k * C + c is member k's output c
+            member_maps = [resample_to_output(one.reshape(-1, *one.shape[2:]), part.grid, block, x0, y0)
+                           for block, (x0, y0), one in zip(blocks, origins, lam_members, strict=True)]
         if len(parts) > 1:
             maps = [part.weight * one for one in maps]
         sums = maps if sums is None else [a + b for a, b in zip(sums, maps, strict=True)]
     results = []
-    for block, one in zip(blocks, sums, strict=True):
+    for i, (block, one) in enumerate(zip(blocks, sums, strict=True)):
         values = one.astype(dtype, copy=False)
+        members = None if member_maps is None else member_maps[i].astype(dtype, copy=False)
         if store is None:
-            results.append((block, values))
+            results.append((block, values) if members is None else (block, values, members))
         else:
-            store.write(block, values)
+            store.write(block, values, members)
             results.append((block, None))
     return results
 
@@ -177,8 +237,7 @@ def run_chunk_tasks(parts: list[ModelPart], batches, store, dtype, device, threa
                 finally:
                     move_model(part.model, home)
                 reader_ref = client.scatter(part.reader, broadcast=True, hash=False)
-                scattered.append(ModelPart(model_ref, reader_ref, part.grid, part.tile_hw, part.weight,
-                                           part.tta))
+                scattered.append(dataclasses.replace(part, model=model_ref, reader=reader_ref))
             tasks = [task(scattered, b) for b in batches]  # each worker runs its own copies
             for future in as_completed(client.compute(tasks)):
                 done = future.result()
@@ -225,8 +284,10 @@ def partial_dir(sdata: Any, key: str) -> Path | None:
 
 
 
-def open_partial(partial: Path, params: dict, shape: tuple[int, ...], chunk_px: int) -> ChunkStore:
-    """The chunk store of an earlier run with the same parameters, or a fresh, empty one."""
+def open_partial(partial: Path, params: dict, shape: tuple[int, ...], chunk_px: int,
+                 members_channels: int | None = None) -> ChunkStore:
+    """The chunk store of an earlier run with the same parameters, or a fresh, empty one (with an array of
+    ``members_channels`` channels for the members' maps when given)."""
     import zarr
 
     store = ChunkStore(partial)
@@ -238,6 +299,10 @@ def open_partial(partial: Path, params: dict, shape: tuple[int, ...], chunk_px: 
         partial.mkdir(parents=True, exist_ok=True)
         zarr.create_array(str(store.array_path), shape=shape, chunks=(shape[0], chunk_px, chunk_px),
                           dtype=params["dtype"], fill_value=0, overwrite=True)
+        if members_channels:
+            zarr.create_array(str(store.members_path), shape=(members_channels, *shape[1:]),
+                              chunks=(members_channels, chunk_px, chunk_px), dtype=params["dtype"], fill_value=0,
+                              overwrite=True)
         store.done_dir.mkdir(exist_ok=True)
         # written last: a partial directory without it is incomplete and is started afresh
         meta_file.write_text(json.dumps(params))

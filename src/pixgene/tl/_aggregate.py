@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -15,9 +16,15 @@ from .._core.keys import (
     COVERAGE_OBS,
     INSTANCE_KEY,
     REGION_KEY,
+    SD_LAYER,
     TOTAL_CHANNEL,
     TOTAL_OBS,
+    TOTAL_SD_OBS,
     UNS_KEY,
+    member_channel,
+    member_layer,
+    members_key,
+    quantile_layer,
     readout_key,
 )
 from .._core.keys import (
@@ -28,6 +35,11 @@ from .._core.validate import check_not_exists, fail, require_element
 logger = logging.getLogger(__name__)
 
 _POINT, _POLYGON, _MULTIPOLYGON = 0, 3, 6
+#: delta degrees of freedom of the members' standard deviation (``layers["pixgene_sd"]``): the members are the
+#: ensemble itself, not a sample of some larger one, and their mixture's variance (mean of the members'
+#: variances plus the variance of their means, ddof 0) is what ``interval_kind="mixture"`` draws on
+SD_DDOF = 0
+INTERVAL_KINDS = ("nb", "mixture")
 
 
 def aggregate(
@@ -39,6 +51,10 @@ def aggregate(
     key_added: str | None = None,
     overwrite: bool = False,
     block_px: int = 2048,
+    uncertainty: bool | None = None,
+    interval: float | Sequence[float] | None = None,
+    interval_kind: str = "nb",
+    keep_members: bool = False,
     inplace: bool = True,
     progress: bool = True,
 ) -> Any:
@@ -69,6 +85,25 @@ def aggregate(
         Replace an existing element or table named ``key_added``.
     block_px
         Side, in map pixels, of the map blocks read at a time (memory ~ block_px^2 x channels).
+    uncertainty
+        Read the members' own maps out too (stored by ``pg.tl.predict_dense(uncertainty=True)`` as
+        ``f"{dense_key}_members"``) and add the members' spread: ``layers["pixgene_sd"]``. Default: when the
+        map has them. The members' maps are read in a second pass, in blocks of ``block_px / sqrt(n_members)``
+        so that a block holds about as much as one of the mean map's; ``X`` is exactly what it is without them.
+    interval
+        Count-level predictive interval(s) of each shape: a central probability (``0.9``) or several
+        (``(0.5, 0.9)``); each adds the layers of its two quantiles (``0.9``: ``"pixgene_q05"`` and
+        ``"pixgene_q95"``). Default: none. The counts follow a negative binomial with the fitted inverse
+        dispersion ``theta`` of each gene (recorded with the map by ``predict_dense``) and mean the shape's
+        expected count, on the scale of the model's training slides (their capture efficiencies' geometric
+        mean: scale ``X`` and the quantiles' means yourself for a slide sequenced deeper or shallower, as
+        ``benchmarks/uncertainty.py`` does with :func:`nb_quantiles`).
+    interval_kind
+        ``"nb"``: one negative binomial of mean ``X`` and the members' geometric mean ``theta``;
+        ``"mixture"``: the equal mixture of the members' negative binomials, each of mean the member's own
+        read-out and with its own ``theta`` (needs the members' maps): wider where the members disagree.
+    keep_members
+        Also store each member's own read-out as ``layers[f"pixgene_member{k}"]`` (needs the members' maps).
     inplace
         Store the table in ``sdata.tables[key_added]`` (and write it to the zarr store when ``sdata`` is
         backed by one); otherwise only return it.
@@ -90,6 +125,19 @@ def aggregate(
     - ``uns["pixgene"]``: ``params`` (every argument), ``dense_key`` and ``dense`` (the map's metadata from
       ``sdata.attrs["pixgene"]["dense"]``).
 
+    With the members' maps (``uncertainty``):
+
+    - ``layers["pixgene_sd"]``: float32 (n, genes), the standard deviation across the members (ddof 0) of
+      their own expected counts: each member's map integrated over the shape, exactly, then the spread of
+      those integrals (not an integral of a per-pixel spread, which would overstate it).
+    - ``obs["pixgene_total_counts_sd"]``: the same for the total-count channel.
+    - ``layers[f"pixgene_member{k}"]`` with ``keep_members``.
+    - ``uns["pixgene"]["uncertainty"]``: ``members_key``, ``n_members``, ``ddof``.
+
+    With ``interval``: ``layers[quantile_layer(q)]`` float32 (n, genes) for each quantile ``q`` (whole counts),
+    and ``uns["pixgene"]["interval"]``: ``levels``, ``quantiles``, ``kind``, ``layers`` and ``theta`` (the
+    inverse dispersion per gene the ``"nb"`` kind used, or per member and gene for ``"mixture"``).
+
     Shapes entirely off the map get zero counts and coverage 0; drop them before normalising
     (``adata[adata.obs["pixgene_coverage"] > 0]``), as scanpy warns about cells with zero counts.
     """
@@ -99,10 +147,14 @@ def aggregate(
     is_labels = shapes in sdata.labels
     if not is_labels and shapes not in sdata.shapes:
         have = ", ".join(map(repr, sorted([*sdata.shapes, *sdata.labels]))) or "none"
+        cells = ("Make cells from the H&E with pg.tl.segment_cells(sdata), or bring in a segmentation made "
+                 "elsewhere (GeoJSON, label mask, Xenium cell boundaries) with pg.io.read_cells(sdata, path); "
+                 if "cell" in str(shapes).lower() else "")
         fail(
             f"shapes {shapes!r}",
             f"not found among the shapes or labels elements (they are: {have})",
-            "Pass shapes=<name of a shapes or labels element>",
+            f"{cells}Pass shapes=<name of a shapes or labels element>, or make square bins with "
+            "pg.tl.make_grid(sdata, bin_um=8)",
         )
     dense_key = _resolve_dense_key(sdata, dense_key, image_key)
     dense = full_resolution(require_element(sdata, dense_key, "images"))
@@ -117,6 +169,25 @@ def aggregate(
     channels = [str(c) for c in dense.coords["c"].values]
     if not any(c != TOTAL_CHANNEL for c in channels):
         fail(f"image {dense_key!r}", "has no gene channels", "Pass a dense map with gene names as channels")
+    meta = _dense_meta(sdata, dense_key)
+    levels = _interval_levels(interval)
+    if interval_kind not in INTERVAL_KINDS:
+        fail("interval_kind", f"{interval_kind!r} is not one of {INTERVAL_KINDS}",
+             "Pass interval_kind='nb' or 'mixture'")
+    members = _members_map(sdata, dense_key, dense, channels, meta, uncertainty,
+                           needed_by=("keep_members=True" if keep_members else
+                                      "interval_kind='mixture'" if levels and interval_kind == "mixture" else None))
+    theta = None
+    if levels:
+        theta = meta.get("nb_theta")
+        if not theta:
+            fail(f"image {dense_key!r}", "has no negative-binomial dispersion recorded (a map of a model fitted "
+                 "with likelihood='poisson', of a list of models, or not made by pg.tl.predict_dense)",
+                 "Pass interval=None, or predict the map again with one model fitted with likelihood='nb'")
+        theta = np.asarray(theta, dtype=np.float64)
+        if theta.shape[-1] != len(channels) or (members is not None and theta.shape[0] != members[1]):
+            fail(f"image {dense_key!r}", f"its recorded dispersion (shape {theta.shape}) does not match its "
+                 f"{len(channels)} channels", "Predict the map again with pg.tl.predict_dense")
     affine = affine_between(sdata, shapes, dense_key)
     if is_labels:
         labels = _checked_labels(sdata, shapes)
@@ -130,11 +201,15 @@ def aggregate(
         "key_added": key_added,
         "overwrite": bool(overwrite),
         "block_px": int(block_px),
+        "uncertainty": uncertainty if uncertainty is None else bool(uncertainty),
+        "interval": None if not levels else list(levels),
+        "interval_kind": interval_kind,
+        "keep_members": bool(keep_members),
         "inplace": bool(inplace),
         "progress": bool(progress),
     }
     if is_labels:
-        from ..data._operator import integrate_labels
+        from ..data import integrate_labels
 
         result = integrate_labels(
             dense.data, labels.data, affine, um_per_px=um_per_px, block_px=int(block_px), progress=progress
@@ -142,14 +217,55 @@ def aggregate(
         if len(result.label_ids) == 0:
             fail(f"labels {shapes!r}", "contain no non-zero label", "Pass labels with segmented regions")
         instance_ids, centroids = result.label_ids, result.centroids
+        if members is not None:
+            member_values = integrate_labels(
+                members[0], labels.data, affine, um_per_px=um_per_px,
+                block_px=_members_block(block_px, members[1]), progress=progress,
+            ).values
     else:
-        from ..data._operator import integrate_map
+        from ..data import integrate_map
 
         result = integrate_map(
             dense.data, mapped, um_per_px=um_per_px, radii=radii, block_px=int(block_px), progress=progress
         )
         instance_ids = sdata.shapes[shapes].index.to_numpy()
+        if members is not None:
+            member_values = integrate_map(
+                members[0], mapped, um_per_px=um_per_px, radii=radii,
+                block_px=_members_block(block_px, members[1]), progress=progress,
+            ).values
     adata = _build_table(sdata, shapes, dense_key, channels, instance_ids, result, centroids, params)
+    genes = list(adata.var_names)
+    gene_cols = [channels.index(g) for g in genes]
+    per_member = None
+    if members is not None:
+        n_members = members[1]
+        per_member = member_values.reshape(len(member_values), n_members, len(channels))
+        spread = per_member.std(axis=1, ddof=SD_DDOF)
+        adata.layers[SD_LAYER] = np.ascontiguousarray(spread[:, gene_cols], dtype=np.float32)
+        if TOTAL_CHANNEL in channels:
+            adata.obs[TOTAL_SD_OBS] = spread[:, channels.index(TOTAL_CHANNEL)]
+        if keep_members:
+            for k in range(n_members):
+                adata.layers[member_layer(k)] = np.ascontiguousarray(per_member[:, k, gene_cols], dtype=np.float32)
+        adata.uns[UNS_KEY]["uncertainty"] = {"members_key": members[2], "n_members": n_members, "ddof": SD_DDOF}
+    if levels:
+        quantiles = sorted({round(q, 12) for p in levels for q in ((1 - p) / 2, (1 + p) / 2)})
+        if interval_kind == "nb":
+            theta_used = pooled_theta(theta[:, gene_cols])
+            mu = np.asarray(adata.X, dtype=np.float64)
+            values = {q: nb_quantiles(mu, theta_used, q) for q in quantiles}
+        else:
+            theta_used = theta[:, gene_cols]
+            mu = per_member[:, :, gene_cols]
+            values = {q: nb_mixture_quantiles(mu, theta_used, q) for q in quantiles}
+        names = {q: quantile_layer(q) for q in quantiles}
+        for q in quantiles:
+            adata.layers[names[q]] = values[q].astype(np.float32)
+        adata.uns[UNS_KEY]["interval"] = {
+            "levels": list(levels), "quantiles": quantiles, "kind": interval_kind,
+            "layers": [names[q] for q in quantiles], "theta": np.asarray(theta_used).tolist(),
+        }
     if inplace:
         sdata.tables[key_added] = adata
         if sdata.is_backed():
@@ -159,6 +275,108 @@ def aggregate(
                 sdata.write_element(key_added, overwrite=overwrite)
     logger.info("read %r out over %d %s into table %r", dense_key, adata.n_obs, shapes, key_added)
     return adata
+
+
+def nb_quantiles(mu: np.ndarray, theta: np.ndarray, q: float) -> np.ndarray:
+    """The ``q`` quantile of counts ~ negative binomial of mean ``mu`` and inverse dispersion ``theta``
+    (variance ``mu + mu^2 / theta``; scipy's ``nbinom(n=theta, p=theta / (theta + mu))``), broadcast."""
+    from scipy.stats import nbinom
+
+    mu = np.asarray(mu, dtype=np.float64)
+    theta = np.asarray(theta, dtype=np.float64)
+    return nbinom.ppf(q, theta, theta / (theta + np.maximum(mu, 0.0)))
+
+
+def nb_mixture_quantiles(mu: np.ndarray, theta: np.ndarray, q: float) -> np.ndarray:
+    """The ``q`` quantile of the equal mixture of negative binomials: ``mu`` (n, M, G) the members' means,
+    ``theta`` (M, G) their inverse dispersions; returns (n, G) whole counts.
+
+    The mixture's quantile lies between its components' smallest and largest; it is found there by bisection
+    over whole counts on the mixture's CDF (the mean of the components' CDFs).
+    """
+    from scipy.stats import nbinom
+
+    mu = np.maximum(np.asarray(mu, dtype=np.float64), 0.0)
+    theta = np.broadcast_to(np.asarray(theta, dtype=np.float64), mu.shape[1:])
+    p = theta / (theta + mu)
+    parts = nbinom.ppf(q, theta, p)
+    lo, hi = parts.min(axis=1), parts.max(axis=1)
+    todo = np.flatnonzero(lo < hi)
+    rows, cols = np.unravel_index(todo, lo.shape)
+    lo_t, hi_t = lo.ravel()[todo], hi.ravel()[todo]
+    theta_t = theta[:, cols].T  # (k, M)
+    p_t = p[rows, :, cols]  # (k, M)
+    while len(lo_t) and np.any(lo_t < hi_t):
+        mid = np.floor((lo_t + hi_t) / 2)
+        cdf = nbinom.cdf(mid[:, None], theta_t, p_t).mean(axis=1)
+        above = cdf >= q
+        hi_t = np.where(above, mid, hi_t)
+        lo_t = np.where(above, lo_t, mid + 1)
+    out = lo.copy()
+    out.ravel()[todo] = lo_t
+    return out
+
+
+def pooled_theta(theta: np.ndarray) -> np.ndarray:
+    """One inverse dispersion per output from the members' (M, C): their geometric mean."""
+    theta = np.asarray(theta, dtype=np.float64)
+    return np.exp(np.log(theta).mean(axis=0))
+
+
+def _dense_meta(sdata: Any, dense_key: str) -> dict:
+    return dict(((getattr(sdata, "attrs", None) or {}).get(UNS_KEY, {}).get("dense", {}) or {}).get(dense_key) or {})
+
+
+def _interval_levels(interval: Any) -> tuple[float, ...]:
+    """``interval`` as a tuple of central probabilities in (0, 1) (empty for None)."""
+    if interval is None:
+        return ()
+    values = [interval] if np.ndim(interval) == 0 else list(interval)
+    ok = bool(values) and all(
+        isinstance(v, float | int | np.floating | np.integer) and not isinstance(v, bool) and 0 < v < 1
+        for v in values)
+    if not ok:
+        fail("interval", f"{interval!r} is not a probability in (0, 1) or a list of them",
+             "Pass interval=0.9, or interval=(0.5, 0.9)")
+    return tuple(sorted({float(v) for v in values}))
+
+
+def _members_map(sdata, dense_key, dense, channels, meta, uncertainty, needed_by):
+    """``(members' map (M * C, H, W), M, key)`` to read out, or None; checked against the mean map."""
+    from .._core.raster import full_resolution
+
+    if uncertainty is not None and not isinstance(uncertainty, bool | np.bool_):
+        fail("uncertainty", f"{uncertainty!r} is not True, False or None", "Pass uncertainty=True, False or None")
+    record = meta.get("uncertainty") or {}
+    key = record.get("members_key", members_key(dense_key))
+    have = bool(record) and key in sdata.images
+    if uncertainty is None:
+        uncertainty = have or needed_by is not None
+    if not uncertainty:
+        if needed_by is not None:
+            fail("aggregate", f"{needed_by} needs the members' maps, but uncertainty=False was passed",
+                 "Pass uncertainty=True (or leave it None)")
+        return None
+    if not have:
+        fail(f"image {dense_key!r}", f"has no members' maps ({key!r})" + (f", which {needed_by} needs"
+                                                                         if needed_by else ""),
+             "Predict it with pg.tl.predict_dense(..., uncertainty=True) from a model of several members")
+    element = full_resolution(sdata.images[key])
+    n_members = int(record.get("n_members", 0))
+    expected = [member_channel(k, c) for k in range(n_members) for c in channels]
+    got = [str(c) for c in element.coords["c"].values]
+    if tuple(element.dims) != ("c", "y", "x") or got != expected:
+        fail(f"image {key!r}", f"does not hold {n_members} members' maps of the channels of {dense_key!r}",
+             "Predict the map again with pg.tl.predict_dense(..., uncertainty=True)")
+    if (element.sizes["y"], element.sizes["x"]) != (dense.sizes["y"], dense.sizes["x"]):
+        fail(f"image {key!r}", f"is not on the grid of {dense_key!r}",
+             "Predict the map again with pg.tl.predict_dense(..., uncertainty=True)")
+    return element.data, n_members, key
+
+
+def _members_block(block_px: int, n_members: int) -> int:
+    """Block side for the members' map: about as much memory per block as the mean map's."""
+    return max(64, int(int(block_px) / np.sqrt(n_members)))
 
 
 def _resolve_dense_key(sdata: Any, dense_key: str | None, image_key: str | None) -> str:

@@ -38,6 +38,20 @@ own encoder um/px, with its own halo and alignment, and its map is resampled to 
 before the mean, so the models need only predict the same outputs: an ensemble of fits at 1 and 2 um/px, of
 two encoders, or of models fitted on different cohorts. Expected counts average, so every read-out of the
 mean map is the mean of the models' read-outs. A chunk is written once every model has predicted it.
+
+How sure the map is
+-------------------
+A model of several members (``pg.tl.fit``'s default: 5 decoders on one encoder) predicts the mean of its
+members' maps. With ``uncertainty=True`` each chunk task also keeps every member's own map
+(:func:`pixgene.infer._chunks.predict_members`: the tile is encoded once, each member's decoder and head run
+once through its single-member view, and the mean is formed from those outputs with the very operations of
+``PixNetModule.decode``, so it is the same map to the bit). They are stored as a second image element
+``f"{key_added}_members"`` on the same grid, chunks, transformations and pyramid, channels
+``member{k}:{output}`` member-major: ``n_members x (genes + 1)`` channels, ``n_members`` times the mean map's
+memory and disk. Member maps are linear in the read-out like the mean, so :func:`pixgene.tl.aggregate`
+integrates each member's map over each shape exactly and takes the spread of those integrals. In the chunk
+store they are a second zarr array, ``members.zarr``, written before the chunk's mean and its marker, so a
+resumed run finds both complete or predicts the chunk again.
 """
 
 from __future__ import annotations
@@ -48,24 +62,26 @@ from typing import Any
 
 import numpy as np
 
-from .._core.keys import IMAGE_KEY, UNS_KEY, dense_key
+from .._core.keys import IMAGE_KEY, UNS_KEY, dense_key, member_channel, members_key
 from .._core.units import record_um_per_px, resolve_um_per_px
-from .._core.validate import check_not_exists, check_positive, fail, require_element
-from ..infer._chunks import (
+from .._core.validate import check_int, check_not_exists, check_positive, fail, require_element
+from ..infer import (
     GPU_BATCH,
     ChunkStore,
+    DenseGrid,
     ModelPart,
     active_client,
+    chunk_blocks,
     default_device,
     device_of,
     move_model,
     open_partial,
     partial_dir,
     run_chunk_tasks,
+    tiling_halo,
     tissue_blocks,
 )
-from ..infer._tiling import DenseGrid, chunk_blocks, tiling_halo
-from ..model._pixnet import check_tta
+from ..model import check_tta
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +114,7 @@ def predict_dense(
     batch_size: int | None = None,
     threads: int | None = None,
     tta: int = 1,
+    uncertainty: bool = False,
     progress: bool = True,
 ):
     """Predict the dense intensity map over the whole image and store it as an image element.
@@ -157,6 +174,19 @@ def predict_dense(
         it, each turned back (1: none; 2: and the half turn; 4: and the two mirror images; 8: and the quarter
         turns and transposes). The decoders were trained on such transforms, so the mean removes what of a map
         depends on the tile's orientation; the prediction takes about ``tta`` times as long.
+    uncertainty
+        Also store every member's own map, so that :func:`pixgene.tl.aggregate` can read out the members'
+        spread of each shape's expected counts exactly (``layers["pixgene_sd"]``) and :func:`pixgene.pl.uncertainty`
+        can draw it. Needs one model of several members (``pg.tl.fit(n_members=...)``, 5 by default). The
+        members' maps are computed in the same chunk tasks as the mean map, from the same encoding of each tile
+        (the encoder runs once per chunk; each decoder once, as without ``uncertainty``), and the mean map is
+        the same, to the bit, as without it. Stored as a second image element ``f"{key_added}_members"``
+        (:func:`pixgene._core.keys.members_key`): dims (c, y, x), the same grid, chunks, transformations and
+        pyramid as the mean map, channels ``f"member{k}:{output}"`` member-major (member 0's genes and
+        total, then member 1's, ...). Memory and disk: ``n_members`` times the mean map's (5 x by default;
+        each chunk task holds its members' chunks too). Time: the decoders and heads run as before; what is
+        added is copying and writing the members' maps: 1.02 x the time of the mean map alone for the default
+        five-member model on a CPU (``benchmarks/uncertainty.py``, st_mob MOB3 at 4 um/px).
     progress
         Show a tqdm progress bar over chunks.
 
@@ -167,30 +197,27 @@ def predict_dense(
     every coordinate system; ``sdata.attrs["pixgene"]["um_per_px"][key_added]`` and
     ``sdata.attrs["pixgene"]["dense"][key_added]`` (model id, genes, parameters including the halo and the
     probe's edge error, and the numbers of tissue and background chunks; for a list of models the ids joined
-    by ``+``, ``model_ids``, and one halo, tile size and edge error per model) are recorded. When ``sdata`` is
+    by ``+``, ``model_ids``, and one halo, tile size and edge error per model) are recorded. For a single
+    model fitted with the negative binomial likelihood the record holds ``"nb_theta"``: each member's fitted
+    inverse dispersion per output (``model.training["theta"]``, and ``["members"][k]["theta"]``), from which
+    :func:`pixgene.tl.aggregate` derives count intervals. With ``uncertainty=True`` the record holds
+    ``"uncertainty"``: ``{"members_key", "n_members"}``, and ``sdata.images[f"{key_added}_members"]`` the
+    members' maps. When ``sdata`` is
     backed by a zarr store the map is written there and read back lazily; until it is complete the finished
     chunks live in ``<store>.pixgene-partial/<key_added>`` (removed at the end).
     """
     image = require_element(sdata, image_key, "images")
-    from .._core.raster import rgb_array
-
-    rgb_array(image, image_key)
     models = _models_to_run(sdata, model)
     shares = _model_weights(weights, len(models))
-    check_positive(um_per_px, "um_per_px", "predict_dense")
-    if dtype not in ("float32", "float16"):
-        fail("dtype", f"{dtype!r} is not supported", "Use 'float32' or 'float16'")
-    for name, value in (("chunk_px", chunk_px), ("batch_size", batch_size), ("threads", threads)):
-        integer = isinstance(value, int | np.integer) and not isinstance(value, bool)
-        if value is not None and (not integer or value < 1):
-            fail(name, f"{value!r} is not a positive integer", f"Pass {name}=256 or another positive integer")
-    check_tta(tta)
-    tta = int(tta)  # a numpy integer too: the parameters are written as JSON (attrs, a partial map's params)
-    if halo_px is not None and (not np.isfinite(halo_px) or halo_px < 0):
-        fail("halo_px", f"{halo_px!r} is not a non-negative number",
-             "Pass halo_px=None to derive it from the model")
+    tta, uncertainty = _check_options(image, image_key, models, um_per_px=um_per_px, dtype=dtype,
+                                      chunk_px=chunk_px, batch_size=batch_size, threads=threads, tta=tta,
+                                      uncertainty=uncertainty, halo_px=halo_px)
     key = key_added or dense_key(image_key)
     check_not_exists(sdata, key, overwrite)
+    mkey = members_key(key)
+    if uncertainty:
+        check_not_exists(sdata, mkey, overwrite)
+    n_members = models[0].n_members if uncertainty else 0
     image_um = resolve_um_per_px(sdata, image_key, um_per_px=image_um_per_px)
 
     import torch
@@ -201,8 +228,7 @@ def predict_dense(
     threads = None if on_gpu else int(threads or torch.get_num_threads())
     client = active_client()
 
-    from ..data._mask import tissue_mask
-    from ..data._reader import SlideReader
+    from ..data import SlideReader, tissue_mask
 
     readers = [SlideReader(image, image_um=image_um, target_um=m.encoder_um_per_px, name=image_key)
                for m in models]
@@ -224,7 +250,7 @@ def predict_dense(
                 halo, edge_error = int(np.ceil(halo_px / align)) * align, None
             ready = fitted
             if fitted.slide_standardized:
-                from ..model._standardize import slide_feature_stats
+                from ..model import slide_feature_stats
 
                 # this slide's own channel statistics, taken the same way fit took each training slide's
                 stats = slide_feature_stats(sdata, image_key, reader, fitted.module, image_um=image_um,
@@ -232,7 +258,8 @@ def predict_dense(
                 ready = fitted.with_feature_stats(*stats)
             grid = DenseGrid(out_shape, float(um_per_px), ready.encoder_um_per_px, ready.out_um_per_px,
                              ready.out_stride, align, halo)
-            parts.append(ModelPart(ready, reader, grid, grid.tile_shape(blocks), shares[len(parts)], tta))
+            parts.append(ModelPart(ready, reader, grid, grid.tile_shape(blocks), shares[len(parts)], tta,
+                                   members=uncertainty))
             halos.append((halo, edge_error))
         tissue = tissue_blocks(mask, blocks, um_per_px / image_um) if skip_background else blocks
         n_out = len(models[0].outputs)
@@ -241,6 +268,8 @@ def predict_dense(
             "image_um_per_px": image_um, "chunk_px": int(chunk_px), "dtype": dtype,
             "skip_background": skip_background, "tta": tta,
         }
+        if uncertainty:  # only then: a partial map of a plain run stays resumable as it was
+            params["uncertainty"] = True
         if len(models) == 1:
             params.update(halo_px=halos[0][0], tile_px=list(parts[0].tile_hw), model_id=models[0].model_id)
         else:
@@ -248,7 +277,8 @@ def predict_dense(
                           model_id="+".join(m.model_id for m in models),
                           model_ids=[m.model_id for m in models], weights=shares)
         partial = partial_dir(sdata, key)
-        store = None if partial is None else open_partial(partial, params, (n_out, *out_shape), chunk_px)
+        store = None if partial is None else open_partial(partial, params, (n_out, *out_shape), chunk_px,
+                                                          members_channels=n_members * n_out or None)
         done = store.done() if store is not None else set()
         todo = [b for b in tissue if ChunkStore.name(b) not in done]
         if done:
@@ -264,20 +294,23 @@ def predict_dense(
             move_model(fitted, home)
     edge_error = halos[0][1] if len(models) == 1 else [e for _, e in halos]
 
-    import dask.array as da
-
-    if store is None:
-        level0 = np.zeros((n_out, *out_shape), dtype=dtype)
-        for (oy0, oy1, ox0, ox1), values in results:
-            level0[:, oy0:oy1, ox0:ox1] = values
-        level0 = da.from_array(level0, chunks=(n_out, chunk_px, chunk_px))
-    else:
-        level0 = da.from_zarr(str(store.array_path))
+    level0, members0 = _assembled(results, store, n_out=n_out, n_members=n_members, out_shape=out_shape,
+                                  dtype=dtype, chunk_px=chunk_px)
     element = _dense_element(level0, image, models[0].outputs, um_per_px / image_um, scale_factors, out_shape)
     if key in sdata.images and overwrite:
         del sdata.images[key]
+    if mkey in sdata.images and overwrite:
+        # an earlier run's members belong to the map this one replaces
+        del sdata.images[mkey]
+        if partial is not None:
+            _delete_from_disk(sdata, mkey)
     sdata.images[key] = element
     record_um_per_px(sdata, key, um_per_px)
+    if uncertainty:
+        channels = [member_channel(k, o) for k in range(n_members) for o in models[0].outputs]
+        sdata.images[mkey] = _dense_element(members0, image, channels, um_per_px / image_um, scale_factors,
+                                            out_shape)
+        record_um_per_px(sdata, mkey, um_per_px)
     record = dict(sdata.attrs.get(UNS_KEY, {}))
     dense = dict(record.get("dense", {}))
     dense[key] = {
@@ -285,14 +318,24 @@ def predict_dense(
         "device": "dask.distributed" if client is not None else local_device,
         "chunks": {"tissue": len(tissue), "background": len(blocks) - len(tissue)},
     }
+    theta = nb_dispersion(models[0]) if len(models) == 1 else None
+    if theta is not None:
+        dense[key]["nb_theta"] = theta
+    if uncertainty:
+        dense[key]["uncertainty"] = {"members_key": mkey, "n_members": n_members}
     record["dense"] = dense
     sdata.attrs[UNS_KEY] = record
     if partial is not None:
-        sdata.write_element(key, overwrite=overwrite)
+        _write_into_store(sdata, key)
+        if uncertainty:
+            _write_into_store(sdata, mkey)
         sdata.write_attrs()
         from spatialdata import read_zarr
 
-        sdata.images[key] = read_zarr(sdata.path, selection=("images",)).images[key]
+        written = read_zarr(sdata.path, selection=("images",)).images
+        sdata.images[key] = written[key]
+        if uncertainty:
+            sdata.images[mkey] = written[mkey]
         shutil.rmtree(partial, ignore_errors=True)
         if partial.parent.is_dir() and not any(partial.parent.iterdir()):
             partial.parent.rmdir()
@@ -300,13 +343,103 @@ def predict_dense(
         "dense map %r: %d x %d px at %g um/px, %d outputs; %d of %d chunks had tissue", key, *out_shape,
         um_per_px, n_out, len(tissue), len(blocks),
     )
+    if uncertainty:
+        logger.info("members' maps %r: %d members x %d outputs", mkey, n_members, n_out)
     return sdata.images[key]
+
+
+
+def _check_options(image: Any, image_key: str, models: list, *, um_per_px: Any, dtype: Any, chunk_px: Any,
+                   batch_size: Any, threads: Any, tta: Any, uncertainty: Any, halo_px: Any) -> tuple[int, bool]:
+    """Every check of :func:`predict_dense`'s arguments, before any work; returns ``tta`` and ``uncertainty``
+    as plain Python values (the parameters are written as JSON)."""
+    from .._core.raster import require_finite, rgb_array
+
+    require_finite(rgb_array(image, image_key), image_key)
+    check_positive(um_per_px, "um_per_px", "predict_dense")
+    if dtype not in ("float32", "float16"):
+        fail("dtype", f"{dtype!r} is not supported", "Use 'float32' or 'float16'")
+    for name, value in (("chunk_px", chunk_px), ("batch_size", batch_size), ("threads", threads)):
+        check_int(value, name, minimum=1, allow_none=name != "chunk_px",
+                  fix=f"Pass {name}=256 or another positive integer")
+    check_tta(tta)
+    if not isinstance(uncertainty, bool | np.bool_):
+        fail("uncertainty", f"{uncertainty!r} is not True or False", "Pass uncertainty=True or False")
+    if uncertainty:
+        if len(models) > 1:
+            fail("uncertainty", f"needs one model of several members, not a list of {len(models)} models",
+                 "Pass one model fitted with n_members > 1 (pg.tl.fit's default is 5)")
+        if models[0].n_members < 2:
+            fail("uncertainty", "needs a model of several members: this model has one decoder, so there is no "
+                 "spread between members to store",
+                 "Fit with n_members >= 2 (pg.tl.fit's default is 5), or pass uncertainty=False")
+    if halo_px is not None and (not np.isfinite(halo_px) or halo_px < 0):
+        fail("halo_px", f"{halo_px!r} is not a non-negative number",
+             "Pass halo_px=None to derive it from the model")
+    return int(tta), bool(uncertainty)
+
+
+def _assembled(results, store, *, n_out: int, n_members: int, out_shape: tuple[int, int], dtype: str,
+               chunk_px: int):
+    """The map (and with ``n_members``, the members' maps) as dask arrays: from the chunk store where the map
+    was written to disk, else from the chunks' results in memory."""
+    import dask.array as da
+
+    n_members_ch = n_members * n_out
+    if store is not None:
+        members0 = da.from_zarr(str(store.members_path)) if n_members else None
+        return da.from_zarr(str(store.array_path)), members0
+    level0 = np.zeros((n_out, *out_shape), dtype=dtype)
+    members0 = np.zeros((n_members_ch, *out_shape), dtype=dtype) if n_members else None
+    for (oy0, oy1, ox0, ox1), values, *members in results:
+        level0[:, oy0:oy1, ox0:ox1] = values
+        if n_members:
+            members0[:, oy0:oy1, ox0:ox1] = members[0]
+    level0 = da.from_array(level0, chunks=(n_out, chunk_px, chunk_px))
+    if n_members:
+        members0 = da.from_array(members0, chunks=(n_members_ch, chunk_px, chunk_px))
+    return level0, members0
+
+def nb_dispersion(model: Any) -> list[list[float]] | None:
+    """Each member's fitted negative-binomial inverse dispersion ``theta`` per output (genes, then the total),
+    from the model's training summary (``training["theta"]``, and ``training["members"][k]["theta"]`` for an
+    ensemble); None for a model fitted with the Poisson likelihood or without a recorded ``theta``.
+
+    ``theta`` was fitted with the training loss (``pixgene.nn._losses.negative_binomial_nll``) on each
+    training spot's expected counts times its slide's capture efficiency: variance = mu + mu^2 / theta.
+    """
+    training = getattr(model, "training", None) or {}
+    if (training.get("params") or {}).get("likelihood", "nb") != "nb":
+        return None
+    n_out = len(model.outputs)
+    members = training.get("members") or [training]
+    thetas = [m.get("theta") for m in members]
+    if not thetas or any(t is None or len(t) != n_out for t in thetas):
+        return None
+    return [[float(v) for v in t] for t in thetas]
+
+
+def _write_into_store(sdata: Any, key: str) -> None:
+    """Write element ``key`` into ``sdata``'s zarr store, replacing an element stored under that name
+    (``overwrite=True`` was checked before): spatialdata refuses ``write_element(overwrite=True)`` inside the
+    object's own store, so the stored one is deleted first (the new element reads from the partial map, not from
+    it)."""
+    _delete_from_disk(sdata, key)
+    sdata.write_element(key)
+
+
+def _delete_from_disk(sdata: Any, key: str) -> None:
+    """Remove element ``key`` from ``sdata``'s zarr store, if it is there."""
+    try:
+        sdata.delete_element_from_disk(key)
+    except (KeyError, ValueError):  # not on disk
+        pass
 
 
 def _models_to_run(sdata: Any, model: Any) -> list:
     """``model`` as a list of fitted models, checked: one PixNet, several that predict the same outputs, or
     (``None``) the model last fitted on ``sdata``."""
-    from ..model._pixnet import PixNet, last_model
+    from ..model import PixNet, last_model
 
     if model is None:
         model = last_model(sdata)
