@@ -21,6 +21,11 @@ Scoring and normalisation
   scores tables (per-gene Pearson, PCC@F/S/M, MSE, MAE)
 - ``log_normalize_np``: ``log1p(1e4 * counts / total)`` per row, as ``pg.tl.evaluate`` normalises
   (``pixgene._core.normalize``)
+- ``nb_quantiles``: quantiles of a negative binomial of mean ``mu`` and inverse dispersion ``theta``
+  (``pixgene._core.nb``)
+- ``nb_mixture_quantiles``: quantiles of the equal mixture of the members' negative binomials
+- ``pooled_theta``: the members' inverse dispersions pooled into one
+- ``nb_dispersion``: a fitted model's per-member inverse dispersions (``pixgene.model``)
 
 Images, units and keys (``pixgene._core``)
 
@@ -76,6 +81,7 @@ import importlib
 import numpy as np
 
 from pixgene._core.keys import INSTANCE_KEY, TOTAL_OBS
+from pixgene._core.nb import nb_mixture_quantiles, nb_quantiles, pooled_theta
 from pixgene._core.normalize import log_normalize_np
 from pixgene._core.raster import full_resolution, to_float01
 from pixgene._core.units import record_um_per_px, recorded_um_per_px, resolve_um_per_px
@@ -88,7 +94,7 @@ from pixgene.data import (
     spots_inside,
 )
 from pixgene.infer import edge_error_profile, probe_texture, tiling_halo
-from pixgene.model import PixNet, build_module
+from pixgene.model import PixNet, build_module, nb_dispersion
 from pixgene.train import working_um_per_px
 
 #: names from ``pixgene.nn``, imported on first use (it imports torch)
@@ -99,7 +105,7 @@ _NN = ("build_encoder", "encoder_flops_per_pixel", "resolve_precision", "Channel
 _MODULES = {"training_plan": "pixgene.train._plan"}
 
 __all__ = [
-    "score_matrices", "log_normalize_np",
+    "score_matrices", "log_normalize_np", "nb_quantiles", "nb_mixture_quantiles", "pooled_theta", "nb_dispersion",
     "full_resolution", "to_float01", "record_um_per_px", "recorded_um_per_px", "resolve_um_per_px",
     "INSTANCE_KEY", "TOTAL_OBS",
     "SlideReader", "prepare_spot_slide", "plan_tiles", "spots_inside", "block_mean", "dihedral_inverse",

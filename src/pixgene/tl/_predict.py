@@ -81,7 +81,7 @@ from ..infer import (
     tiling_halo,
     tissue_blocks,
 )
-from ..model import check_tta
+from ..model import check_tta, nb_dispersion
 
 logger = logging.getLogger(__name__)
 
@@ -348,7 +348,6 @@ def predict_dense(
     return sdata.images[key]
 
 
-
 def _check_options(image: Any, image_key: str, models: list, *, um_per_px: Any, dtype: Any, chunk_px: Any,
                    batch_size: Any, threads: Any, tta: Any, uncertainty: Any, halo_px: Any) -> tuple[int, bool]:
     """Every check of :func:`predict_dense`'s arguments, before any work; returns ``tta`` and ``uncertainty``
@@ -399,24 +398,6 @@ def _assembled(results, store, *, n_out: int, n_members: int, out_shape: tuple[i
     if n_members:
         members0 = da.from_array(members0, chunks=(n_members_ch, chunk_px, chunk_px))
     return level0, members0
-
-def nb_dispersion(model: Any) -> list[list[float]] | None:
-    """Each member's fitted negative-binomial inverse dispersion ``theta`` per output (genes, then the total),
-    from the model's training summary (``training["theta"]``, and ``training["members"][k]["theta"]`` for an
-    ensemble); None for a model fitted with the Poisson likelihood or without a recorded ``theta``.
-
-    ``theta`` was fitted with the training loss (``pixgene.nn._losses.negative_binomial_nll``) on each
-    training spot's expected counts times its slide's capture efficiency: variance = mu + mu^2 / theta.
-    """
-    training = getattr(model, "training", None) or {}
-    if (training.get("params") or {}).get("likelihood", "nb") != "nb":
-        return None
-    n_out = len(model.outputs)
-    members = training.get("members") or [training]
-    thetas = [m.get("theta") for m in members]
-    if not thetas or any(t is None or len(t) != n_out for t in thetas):
-        return None
-    return [[float(v) for v in t] for t in thetas]
 
 
 def _write_into_store(sdata: Any, key: str) -> None:
