@@ -23,7 +23,8 @@ Methods, every one given the measured spots only
 
 Datasets: st_mob (MOB1-MOB3) and her2st (C2-C5). pixgene runs with its defaults unless ``--n-members`` /
 ``--max-epochs`` say otherwise. Each run records its command, date, machine and load average; ``--merge``
-keeps the runs of the existing JSON that this one did not redo (dataset, section, fraction).
+keeps the runs of the existing JSON that this one did not redo (dataset, section, fraction), and the methods
+of a run that this one did not redo (``--methods``), and the JSON's ``notes`` (rendered under the tables).
 
     python benchmarks/reconstruct.py --datasets st_mob --sections MOB3 --fractions 0.25
     python benchmarks/reconstruct.py --datasets st_mob --sections MOB3 --fractions 0.5 --merge
@@ -264,7 +265,9 @@ def run(args) -> dict:
               "runs": runs}
     path = Path(args.out) / "reconstruct.json"
     if args.merge and path.is_file():
-        result["runs"] = merge_runs(json.loads(path.read_text())["runs"], runs)
+        old = json.loads(path.read_text())
+        result["runs"] = merge_runs(old["runs"], runs)
+        result["notes"] = old.get("notes", [])
     result["sections_run"] = sorted({f"{r['dataset']} {r['section']} {r['fraction']:.0%}" for r in result["runs"]})
     return result
 
@@ -333,6 +336,7 @@ def render(result: dict) -> str:
         for name, v in r["methods"].items():
             lines.append(f"| {LABELS[name]} | " + " | ".join(_f(b["PCC@M"]) for b in v["bands"]) + " |")
     lines += ["", f"Sections run: {', '.join(result['sections_run'])}."]
+    lines += [f"\n{note}" for note in result.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
