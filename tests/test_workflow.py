@@ -147,7 +147,8 @@ def cell_integrals_by_sampling(sdata, dense_key: str, cells_key: str, ids, sub: 
     out = []
     for poly in sdata.shapes[cells_key].geometry.loc[list(ids)]:
         poly = shapely.affinity.affine_transform(poly, [*to_map[:2, :2].ravel(), *to_map[:2, 2]])
-        x0, y0, x1, y1 = (int(np.floor(v)) for v in poly.bounds[:2]) + tuple(int(np.ceil(v)) for v in poly.bounds[2:])
+        x0, y0 = (int(np.floor(v)) for v in poly.bounds[:2])
+        x1, y1 = (int(np.ceil(v)) for v in poly.bounds[2:])
         ys, xs = np.mgrid[y0 * sub:y1 * sub, x0 * sub:x1 * sub]
         px, py = (xs + 0.5) / sub, (ys + 0.5) / sub
         inside = shapely.contains_xy(poly, px, py)
