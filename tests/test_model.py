@@ -283,7 +283,7 @@ def test_scale_jitter_views_keep_spot_integrals_exact():
 
 
 def test_default_training_length_follows_the_number_of_steps():
-    from pixgene.tl._fit import MAX_AUTO_EPOCHS, MIN_EPOCHS, MIN_STEPS, training_length
+    from pixgene.train._fit import MAX_AUTO_EPOCHS, MIN_EPOCHS, MIN_STEPS, training_length
 
     # her2st-sized (551 tiles, 69 steps an epoch): the minimum epochs already give >= MIN_STEPS steps
     assert training_length(551, 8, None, None) == (MIN_EPOCHS, 4)

@@ -139,7 +139,7 @@ def test_coarse_image_is_encoded_at_its_own_um_per_px(tmp_path):
     """A 2 um/px slide: fit reads it as it is (no upsampling for the 1 um/px encoder), the saved model keeps that
     um/px, and its dense map equals one pass of the model over the raw image pixels."""
     from pixgene.tl import PixNet
-    from pixgene.tl._fit import working_um_per_px
+    from pixgene.train import working_um_per_px
 
     assert working_um_per_px(1.0, [0.73, 0.5]) == 1.0  # finer images: the encoder's own um/px
     assert working_um_per_px(1.0, [5.2, 4.46]) == 4.46  # coarser: the finest slide as it is
