@@ -53,7 +53,8 @@ nb_execution_mode = "off"
 nb_output_stderr = "remove"  # progress bars and warnings saved in a notebook are not shown
 nb_merge_streams = True
 # outputs only a browser kernel can show (e.g. progress-bar widgets): skipped without failing the build
-suppress_warnings = ["mystnb.unknown_mime_type"]
+# the generated benchmarks page nests each script's own headings under its section: levels may skip
+suppress_warnings = ["mystnb.unknown_mime_type", "myst.header"]
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
 
