@@ -219,6 +219,31 @@ def test_reconstruct_trains_with_other_slides_too():
     assert np.array_equal(table.obs["pixgene_measured"].to_numpy(), _mask(sdata))
 
 
+def test_reconstruct_with_uncertainty_reads_out_the_members_spread_of_the_model_fit_makes():
+    """uncertainty=True and interval=0.9: the reconstructed table's members' SD and NB quantiles are those of the
+    same model fitted with ``pg.tl.fit(spots=...)``, its map predicted with ``uncertainty=True`` and read out by
+    ``aggregate``; and the SD equals the SD of the members' own read-outs (``keep_members``) computed here."""
+    two = dict(FAST, n_members=2)
+    sdata = _slide()
+    mask = _mask(sdata)
+    table = pg.tl.reconstruct(sdata, mask, genes=GENES, random_state=1, uncertainty=True, interval=0.9,
+                              progress=False, **two)
+    reference = _slide()
+    model = pg.tl.fit(reference, genes=GENES, spots=mask, random_state=1, progress=False, **two)
+    assert table.uns["pixgene"]["model_id"] == model.model_id
+    pg.tl.predict_dense(reference, model, uncertainty=True, progress=False)
+    expected = pg.tl.aggregate(reference, shapes="spots", interval=0.9, keep_members=True, progress=False)
+    np.testing.assert_allclose(table.X, expected.X, rtol=1e-6)
+    np.testing.assert_allclose(table.layers["pixgene_sd"], expected.layers["pixgene_sd"], rtol=1e-5, atol=1e-9)
+    members = np.stack([expected.layers[f"pixgene_member{k}"] for k in range(2)])
+    np.testing.assert_allclose(table.layers["pixgene_sd"], members.std(axis=0), rtol=1e-4, atol=1e-7)
+    assert (table.layers["pixgene_sd"] > 0).any()
+    for q in ("pixgene_q05", "pixgene_q95"):
+        np.testing.assert_array_equal(table.layers[q], expected.layers[q])
+    assert (table.layers["pixgene_q05"] <= table.layers["pixgene_q95"]).all()
+    assert table.uns["pixgene"]["interval"]["levels"] == [0.9]
+
+
 def test_reconstruct_refuses_bad_input_before_any_work(monkeypatch):
     import pixgene.train
 
@@ -237,6 +262,14 @@ def test_reconstruct_refuses_bad_input_before_any_work(monkeypatch):
         pg.tl.reconstruct(sdata, mask, genes=GENES, um_per_px=0)
     with pytest.raises(PixgeneInputError, match="missing"):
         pg.tl.reconstruct(sdata, mask, genes=["NOPE"])
+    with pytest.raises(PixgeneInputError, match="uncertainty.*n_members=1"):
+        pg.tl.reconstruct(sdata, mask, genes=GENES, uncertainty=True, n_members=1)
+    with pytest.raises(PixgeneInputError, match="uncertainty.*not True or False"):
+        pg.tl.reconstruct(sdata, mask, genes=GENES, uncertainty="yes")
+    with pytest.raises(PixgeneInputError, match="interval"):
+        pg.tl.reconstruct(sdata, mask, genes=GENES, interval=1.5)
+    with pytest.raises(PixgeneInputError, match="'mixture' needs the members' maps"):
+        pg.tl.reconstruct(sdata, mask, genes=GENES, interval=0.9, interval_kind="mixture")
     sdata.tables["spots_reconstructed"] = sdata.tables["table"].copy()
     with pytest.raises(PixgeneInputError, match="already exists"):
         pg.tl.reconstruct(sdata, mask, genes=GENES)

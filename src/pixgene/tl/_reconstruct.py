@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -45,9 +46,10 @@ def _check_fit_kwargs(fit_kwargs: dict) -> dict:
 
 
 def _read_out_everywhere(sdata: Any, model: Any, *, image_key: str, shapes_key: str, image_um_per_px: float,
-                         um_per_px: float, progress: bool):
+                         um_per_px: float, uncertainty: bool, interval: Any, interval_kind: str, progress: bool):
     """``model``'s dense map of the whole section, predicted in a working object (never in ``sdata``), read out
-    over every shape of ``shapes_key``, in the shapes' order."""
+    over every shape of ``shapes_key``, in the shapes' order (with the members' spread and count intervals when
+    asked)."""
     from ._aggregate import aggregate
     from ._denoise import _subset
     from ._predict import predict_dense
@@ -56,9 +58,26 @@ def _read_out_everywhere(sdata: Any, model: Any, *, image_key: str, shapes_key: 
     work = _subset(sdata, image_key, shapes_key, np.arange(n))
     map_key = f"{image_key}_reconstructed"
     predict_dense(work, model, image_key=image_key, um_per_px=um_per_px, image_um_per_px=image_um_per_px,
-                  key_added=map_key, progress=progress)
-    return aggregate(work, shapes=shapes_key, dense_key=map_key, image_key=image_key, inplace=False,
-                     progress=False)
+                  key_added=map_key, uncertainty=uncertainty, progress=progress)
+    return aggregate(work, shapes=shapes_key, dense_key=map_key, image_key=image_key, uncertainty=uncertainty,
+                     interval=interval, interval_kind=interval_kind, inplace=False, progress=False)
+
+
+def _check_uncertainty(uncertainty: Any, interval: Any, interval_kind: str, n_members: Any) -> None:
+    """reconstruct's uncertainty options, checked before its fit (the read-out's own checks come after it)."""
+    from ._aggregate import INTERVAL_KINDS, _interval_levels
+
+    if not isinstance(uncertainty, bool | np.bool_):
+        fail("uncertainty", f"{uncertainty!r} is not True or False", "Pass uncertainty=True or False")
+    _interval_levels(interval)
+    if interval_kind not in INTERVAL_KINDS:
+        fail("interval_kind", f"{interval_kind!r} is not one of {INTERVAL_KINDS}", "Pass interval_kind='nb' or 'mixture'")
+    needs_members = uncertainty or (interval is not None and interval_kind == "mixture")
+    if needs_members and n_members is not None and int(n_members) < 2:
+        fail("uncertainty", "needs a model of several members, and n_members=1 fits one decoder",
+             "Leave n_members at its default (5) or pass n_members >= 2")
+    if interval is not None and interval_kind == "mixture" and not uncertainty:
+        fail("interval_kind", "'mixture' needs the members' maps", "Pass uncertainty=True as well")
 
 
 @doc_params
@@ -75,6 +94,9 @@ def reconstruct(
     um_per_px: float = 4.0,
     key_added: str | None = None,
     overwrite: bool = False,
+    uncertainty: bool = False,
+    interval: float | Sequence[float] | None = None,
+    interval_kind: str = "nb",
     random_state: int = 0,
     progress: bool = True,
     **fit_kwargs: Any,
@@ -134,6 +156,14 @@ def reconstruct(
     key_added
         Name of the new table; default ``f"{shapes_key}_reconstructed"``.
     {overwrite}
+    uncertainty
+        Also predict the members' own maps and read out their spread, ``layers["pixgene_sd"]``, as
+        ``pg.tl.predict_dense(uncertainty=True)`` and :func:`pixgene.tl.aggregate` do (needs ``n_members >= 2``;
+        the default fits 5).
+    interval, interval_kind
+        Count-level predictive intervals of each spot, as :func:`pixgene.tl.aggregate` makes them (``0.9``
+        adds ``layers["pixgene_q05"]`` and ``layers["pixgene_q95"]``), on the training slides' depth;
+        ``"mixture"`` needs ``uncertainty=True``.
     {random_state}
     {progress}
     **fit_kwargs
@@ -148,7 +178,8 @@ def reconstruct(
     the spot's counts trained the model, False for every other spot (unselected, or without counts);
     ``uns["pixgene"]``: the parameters, ``model_id``, ``n_measured``, ``n_unmeasured``, ``measured`` (which
     spots trained: the record ``model.training["slides"][0]["spots"]`` holds), ``n_train_spots_other_slides``
-    and the dense map's record.
+    and the dense map's record (and ``interval``, as ``aggregate`` records it). With ``uncertainty`` or
+    ``interval``, the layers :func:`pixgene.tl.aggregate` adds for them.
     """
     import pandas as pd
 
@@ -159,6 +190,7 @@ def reconstruct(
     # ---- every check before any work
     check_positive(um_per_px, "um_per_px", "reconstruct")
     fit_options = _check_fit_kwargs(fit_kwargs)
+    _check_uncertainty(uncertainty, interval, interval_kind, fit_kwargs.get("n_members"))
     key = key_added or reconstructed_key(shapes_key)
     check_not_exists(sdata, key, overwrite)
     slide = prepare_spot_slide(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key,
@@ -184,7 +216,8 @@ def reconstruct(
         image_key=image_key, shapes_key=shapes_key, table_key=table_key, random_state=random_state,
         progress=progress, **fit_options))
     table = _read_out_everywhere(sdata, model, image_key=image_key, shapes_key=shapes_key,
-                                 image_um_per_px=slide.um_per_px, um_per_px=um_per_px, progress=progress)
+                                 image_um_per_px=slide.um_per_px, um_per_px=um_per_px, uncertainty=bool(uncertainty),
+                                 interval=interval, interval_kind=interval_kind, progress=progress)
     flag = np.zeros(len(shapes), dtype=bool)
     flag[train_slide.positions] = True
     if not table.obs_names.equals(pd.Index([str(i) for i in shapes.index], dtype=str)):
@@ -193,7 +226,9 @@ def reconstruct(
     params = {
         "genes": list(genes), "image_key": image_key, "shapes_key": shapes_key, "table_key": table_key,
         "image_um_per_px": slide.um_per_px, "um_per_px": float(um_per_px), "key_added": key,
-        "random_state": int(random_state), "train_with": len(others),
+        "random_state": int(random_state), "train_with": len(others), "uncertainty": bool(uncertainty),
+        "interval": interval if interval is None else np.atleast_1d(interval).astype(float).tolist(),
+        "interval_kind": interval_kind,
         "fit_kwargs": json.loads(json.dumps(fit_kwargs, default=str)),
     }
     table.uns[UNS_KEY] = {
@@ -201,6 +236,7 @@ def reconstruct(
         "n_unmeasured": int(len(shapes) - n_measured), "measured": train_slide.selection,
         "n_train_spots_other_slides": int(sum(len(s.centers) for s in other_slides)),
         "dense": table.uns[UNS_KEY]["dense"],
+        **({"interval": table.uns[UNS_KEY]["interval"]} if "interval" in table.uns[UNS_KEY] else {}),
     }
     if overwrite and key in sdata.tables:
         del sdata.tables[key]
