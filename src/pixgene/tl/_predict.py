@@ -185,8 +185,7 @@ def predict_dense(
         pyramid as the mean map, channels ``f"member{k}:{output}"`` member-major (member 0's genes and
         total, then member 1's, ...). Memory and disk: ``n_members`` times the mean map's (5 x by default;
         each chunk task holds its members' chunks too). Time: the decoders and heads run as before; what is
-        added is copying and writing the members' maps: 1.02 x the time of the mean map alone for the default
-        five-member model on a CPU (``benchmarks/uncertainty.py``, st_mob MOB3 at 4 um/px).
+        added is copying, resampling and writing the members' maps (``benchmarks/results/uncertainty.md``).
     progress
         Show a tqdm progress bar over chunks.
 
