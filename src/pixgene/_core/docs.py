@@ -33,6 +33,13 @@ overwrite
 random_state
     Seed for everything random: the same seed gives the same result (on the same kind of device and
     precision).""",
+    "plot_region": """\
+region
+    ``(x_min, y_min, x_max, y_max)`` in the H&E's pixels to zoom into; default the whole image.""",
+    "plot_save_show": """\
+save, show
+    Path to save the figure to; whether to show it (default: only on an interactive backend when not
+    saving).""",
 }
 
 

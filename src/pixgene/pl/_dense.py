@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .._core.coords import affine_between
+from .._core.docs import doc_params
 from .._core.keys import IMAGE_KEY, UNS_KEY
 from .._core.keys import dense_key as default_dense_key
 from .._core.raster import full_resolution
@@ -24,6 +25,7 @@ __all__ = ["dense"]
 INTENSITY_LABEL = "counts / µm²"
 
 
+@doc_params
 def dense(
     sdata: Any,
     genes: str | Sequence[str],
@@ -66,8 +68,7 @@ def dense(
     cmap, vmax
         Colour map; upper colour limit per gene (``"pNN"`` = NN-th percentile of the gene's drawn values,
         a number, or None for the maximum). The lower limit is 0.
-    region
-        ``(x_min, y_min, x_max, y_max)`` in the H&E's pixels to zoom into; default the whole image.
+    {plot_region}
     max_px
         Largest side of the drawn H&E and of the drawn map.
     show_image
@@ -76,9 +77,7 @@ def dense(
         Width of each panel in inches.
     ax
         Axes to draw a single gene into.
-    save, show
-        Path to save the figure to; whether to show it (default: only on an interactive backend when not
-        saving).
+    {plot_save_show}
 
     Returns
     -------

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .._core.coords import affine_between
+from .._core.docs import doc_params
 from .._core.keys import IMAGE_KEY, UNS_KEY, member_channel, members_key
 from .._core.keys import dense_key as default_dense_key
 from .._core.raster import full_resolution
@@ -25,6 +26,7 @@ __all__ = ["uncertainty"]
 MEASURES = ("sd", "cv")
 
 
+@doc_params
 def uncertainty(
     sdata: Any,
     genes: str | Sequence[str],
@@ -74,17 +76,14 @@ def uncertainty(
     vmax
         Upper colour limit of each panel (``"pNN"`` = NN-th percentile of the panel's drawn values, a number,
         or None for the maximum); the lower limit is 0.
-    region
-        ``(x_min, y_min, x_max, y_max)`` in the H&E's pixels to zoom into; default the whole image.
+    {plot_region}
     max_px
         Largest side of the drawn H&E and of the drawn maps.
     show_image
         Draw the H&E under the maps.
     panel_width
         Width of each panel in inches.
-    save, show
-        Path to save the figure to; whether to show it (default: only on an interactive backend when not
-        saving).
+    {plot_save_show}
 
     Returns
     -------
