@@ -54,13 +54,14 @@ def write(out: str | Path, name: str, result: dict, render: Callable[[dict], str
     print(render(result))
 
 
-def main(name: str, parser, run: Callable, render: Callable[[dict], str]) -> None:
+def main(name: str, parser, run: Callable, render: Callable[[dict], str], script: str | None = None) -> None:
     """Parse ``parser``'s arguments (with ``--out``, default ``benchmarks/results``), run ``run(args)`` with the
-    start time, machine and command recorded in its result, and write ``<out>/<name>.json`` and ``.md``."""
+    start time, machine and command recorded in its result, and write ``<out>/<name>.json`` and ``.md``
+    (``script``: the script's file name when it is not ``<name>.py``)."""
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     setup_logging()
     when, where = started(), machine()
     result = run(args)
-    result.update(command=command(f"{name}.py"), started=when, machine=where)
+    result.update(command=command(script or f"{name}.py"), started=when, machine=where)
     write(args.out, name, result, render)

@@ -51,7 +51,7 @@ def main() -> None:
     pg.tl.predict_dense(test, model, um_per_px=4.0)
     pg.tl.aggregate(test, shapes="spots")
     t_predict = time.perf_counter() - t2
-    scores = pg.tl.evaluate(test, predicted="spots_pixgene", measured="table", genes=genes)
+    scores = pg.tl.evaluate(test, predicted="spots_pixgene", measured="table", genes=genes, normalize="predicted_total")
     total = time.perf_counter() - t0
 
     s = scores.summary

@@ -33,7 +33,7 @@ NOT_RECORDED = "not recorded"
 #: Sections of the page and the results files in each, in order; files not named here go to the last one.
 GROUPS: list[tuple[str, list[str]]] = [
     ("Accuracy", ["accuracy", "accuracy_fit_time", "her2st_holdout", "accuracy_cross_scale", "bins", "denoise",
-                  "feature_bound", "library_size"]),
+                  "feature_bound", "library_size", "library_size_thinned"]),
     ("Speed, memory and scale", ["scale", "gpu", "precision", "layout", "train_step", "step_layout",
                                  "accuracy_step_layout", "accuracy_feature_cache"]),
     ("Other results", []),

@@ -84,7 +84,8 @@ def test_evaluate_against_measured_normalises_like_scanpy(fitted_session):
 
     sdata, model = fitted_session
     pred = _spots_readout(sdata, model, "spots_eval")
-    scores = pg.tl.evaluate(sdata, predicted="spots_eval", measured="table", genes=model.genes)
+    scores = pg.tl.evaluate(sdata, predicted="spots_eval", measured="table", genes=model.genes,
+                            normalize="predicted_total")
     measured = sdata.tables["table"]
     m = measured.copy()
     sc.pp.normalize_total(m, target_sum=1e4)
@@ -105,7 +106,7 @@ def test_evaluate_without_library_size_warns_and_uses_the_gene_sum(fitted_sessio
     del pred.obs["pixgene_total_counts"]
     with caplog.at_level(logging.WARNING, logger="pixgene"):
         scores = pg.tl.evaluate(sdata, predicted="spots_nototal", measured="table", genes=model.genes,
-                                inplace=False)
+                                inplace=False, normalize="predicted_total")
     assert any("no 'pixgene_total_counts' column" in r.getMessage() for r in caplog.records)
     measured = sdata.tables["table"]
     order = pd.Index(measured.obs["instance_id"].astype(str)).get_indexer(pred.obs["instance_id"].astype(str))
@@ -145,7 +146,8 @@ def test_log_normalize_matches_scanpy_and_evaluate(fitted_session, caplog):
     sc.pp.log1p(by_hand)
     np.testing.assert_allclose(pred.layers["pixgene_lognorm"], by_hand.X, rtol=1e-5, atol=1e-6)
     # Pearson of the two layers per gene is what pg.tl.evaluate reports
-    scores = pg.tl.evaluate(sdata, predicted="spots_lognorm", measured="table", genes=model.genes, inplace=False)
+    scores = pg.tl.evaluate(sdata, predicted="spots_lognorm", measured="table", genes=model.genes, inplace=False,
+                            normalize="predicted_total")
     order = pd.Index(measured.obs["instance_id"].astype(str)).get_indexer(pred.obs["instance_id"].astype(str))
     mt = measured[order][:, model.genes].layers["pixgene_lognorm"].toarray()
     pt = pred[:, model.genes].layers["pixgene_lognorm"]
@@ -180,3 +182,63 @@ def test_log_normalize_matches_scanpy_and_evaluate(fitted_session, caplog):
                                pg.pp.log_normalize(pred, total=None, inplace=False), rtol=1e-5, atol=1e-6)
     with pytest.raises(PixgeneInputError, match="layer 'missing'"):
         pg.pp.log_normalize(pred, layer="missing", inplace=False)
+
+
+def test_expected_log_normalized_matches_the_poisson_sum():
+    from pixgene._core.normalize import expected_log_normalized
+
+    means = np.array([0.0, 1e-3, 0.5, 5.0, 29.9, 30.1, 45.0, 200.0, 5000.0])
+    for depth in (50.0, 648.0, 1e4):
+        got = expected_log_normalized((means / depth)[None, :], np.array([depth]))[0]
+        ref = []
+        for m in means:
+            k = np.arange(int(m + 40 * np.sqrt(m + 1) + 50))
+            ref.append((scipy.stats.poisson.pmf(k, m) * np.log1p(1e4 * k / depth)).sum())
+        np.testing.assert_allclose(got, ref, atol=5e-5)
+    # a row of depth 0 reads 0
+    assert expected_log_normalized(np.full((1, 2), 0.1), np.zeros(1)).tolist() == [[0.0, 0.0]]
+
+
+def test_evaluate_rules_against_values_computed_by_hand(fitted_session):
+    sdata, model = fitted_session
+    pred = _spots_readout(sdata, model, "spots_rules")
+    scores = pg.tl.evaluate(sdata, predicted="spots_rules", measured="table", genes=model.genes, inplace=False,
+                            normalize=["global", "predicted_total", "measured_depth"])
+    assert scores.summary["normalize"] == "global"
+    # the default against measured counts is the measured-depth rule, with the floor of depth alone
+    default = pg.tl.evaluate(sdata, predicted="spots_rules", measured="table", genes=model.genes, inplace=False)
+    assert default.summary["normalize"] == "measured_depth"
+    assert default.summary["PCC@M"] == scores.by_rule["measured_depth"].summary["PCC@M"]
+    assert set(scores.by_rule) == {"global", "predicted_total", "measured_depth"}
+    assert scores.summary["by_rule"]["measured_depth"]["PCC@M"] == scores.by_rule["measured_depth"].summary["PCC@M"]
+    measured = sdata.tables["table"]
+    order = pd.Index(measured.obs["instance_id"].astype(str)).get_indexer(pred.obs["instance_id"].astype(str))
+    x = np.asarray(measured.X.todense() if hasattr(measured.X, "todense") else measured.X, dtype=float)[order]
+    depth = x.sum(1)
+    t = np.log1p(1e4 * x[:, [measured.var_names.get_loc(g) for g in model.genes]] / depth[:, None])
+    p = np.asarray(pred[:, model.genes].X, dtype=float)
+    total = pred.obs["pixgene_total_counts"].to_numpy(float)
+    by_hand = {"global": np.log1p(1e4 * p / total.mean()), "predicted_total": np.log1p(1e4 * p / total[:, None])}
+    # the measured-depth rule: the Poisson expectation at each spot's measured depth, summed term by term
+    def expected(share):
+        mean = depth[:, None] * share
+        k = np.arange(int(mean.max() + 40 * np.sqrt(mean.max() + 1) + 50))
+        pmf = scipy.stats.poisson.pmf(k, mean[..., None])
+        return (pmf * np.log1p(1e4 * k / depth[:, None, None])).sum(-1)
+
+    by_hand["measured_depth"] = expected(p / total[:, None])
+    floor = expected(np.broadcast_to((p / total[:, None]).mean(0), p.shape))
+    # pg.pp.log_normalize(depth=...) gives the same values for a table
+    sub = pred[:, model.genes].copy()
+    sub.obs["measured_total"] = depth
+    np.testing.assert_allclose(pg.pp.log_normalize(sub, depth="measured_total", inplace=False),
+                               by_hand["measured_depth"], atol=1e-4)
+    for rule, values in by_hand.items():
+        ref = [scipy.stats.pearsonr(values[:, g], t[:, g])[0] for g in range(len(model.genes))]
+        np.testing.assert_allclose(scores.by_rule[rule].per_gene["pearson"].to_numpy(), ref, atol=1e-4)
+    ref = np.mean([scipy.stats.pearsonr(floor[:, g], t[:, g])[0] for g in range(len(model.genes))])
+    assert default.summary["depth_only PCC@M"] == pytest.approx(ref, abs=1e-4)
+    with pytest.raises(PixgeneInputError, match="needs measured counts"):
+        pg.tl.evaluate(sdata, predicted="spots_rules", truth="truth", normalize="measured_depth")
+    with pytest.raises(PixgeneInputError, match="not a normalisation rule"):
+        pg.tl.evaluate(sdata, predicted="spots_rules", measured="table", normalize="scanpy")

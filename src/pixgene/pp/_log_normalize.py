@@ -9,7 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._core.keys import TOTAL_OBS
-from .._core.normalize import NORMALIZE_TARGET, log_normalize_np, row_scale
+from .._core.normalize import NORMALIZE_TARGET, log_normalize_np, normalize_readout, row_scale
 from .._core.validate import fail
 
 logger = logging.getLogger(__name__)
@@ -21,6 +21,7 @@ def log_normalize(
     adata: Any,
     *,
     total: str | None = TOTAL_OBS,
+    depth: str | None = None,
     layer: str | None = None,
     target_sum: float = NORMALIZE_TARGET,
     layer_added: str = LOGNORM_LAYER,
@@ -32,10 +33,16 @@ def log_normalize(
     A read-out table of :func:`pixgene.tl.aggregate` holds expected counts of the modelled genes only, so
     scanpy's ``sc.pp.normalize_total`` would divide them by their own sum, which is not a library size.
     Its ``obs["pixgene_total_counts"]`` is the model's predicted library size, the normaliser the model was
-    trained with: normalising by it is how :func:`pixgene.tl.evaluate` compares read-outs with measured data,
-    and it scores higher than the genes' own sum (``benchmarks/results/library_size.md``: on a section the
-    model had not seen, PCC@M 0.503 against 0.460 on st_mob, 0.176 against 0.147 on her2st). It is a
-    normaliser, not a calibrated count (docs/concepts.md).
+    trained with: the values are the predicted composition, for clustering and plotting a read-out. It scores
+    higher than the genes' own sum (``benchmarks/results/library_size.md``: on a section the model had not
+    seen, PCC@M 0.503 against 0.460 on st_mob, 0.176 against 0.147 on her2st). It is a normaliser, not a
+    calibrated count (docs/concepts.md).
+
+    To set a read-out beside measured counts of the same shapes, pass their library sizes as ``depth``: the
+    values are then what the measurement would read at that depth (the ``"measured_depth"`` rule of
+    :func:`pixgene.tl.evaluate`, which compares that way by default). On shallow measurements, a few hundred
+    counts per spot, this is the only reading that matches theirs: the composition loses most of its
+    correlation with them (``benchmarks/results/library_size_thinned.md``).
 
     Parameters
     ----------
@@ -44,6 +51,9 @@ def log_normalize(
     total
         ``obs`` column with each row's library size (default the read-out's predicted one). ``None``: the row
         sums of ``X`` (a table of raw counts over all its genes, as scanpy would normalise it).
+    depth
+        ``obs`` column with each row's *measured* library size, for a read-out over measured shapes: the mean
+        of ``log1p(target_sum * X / D)`` for a Poisson count ``X`` of mean ``D * x / total``. Dense output.
     layer
         Layer holding the values to normalise; default ``X``. E.g. the posterior of
         :func:`pixgene.tl.denoise`: ``layer="pixgene_posterior", total="pixgene_posterior_total_counts"``.
@@ -79,6 +89,15 @@ def log_normalize(
         where = f"obs[{total!r}]"
     if not np.isfinite(totals).all() or (totals < 0).any():
         fail(where, "holds negative or non-finite library sizes", "Pass non-negative totals")
+    if depth is not None:
+        if depth not in adata.obs:
+            have = ", ".join(map(repr, adata.obs.columns)) or "none"
+            fail(f"obs column {depth!r}", f"not found (the table's obs columns are: {have})",
+                 "Copy the measured library sizes into the read-out's obs first, e.g. "
+                 "readout.obs['measured_total'] = measured[readout.obs_names].X.sum(1)")
+        depths = np.asarray(adata.obs[depth], dtype=np.float64)
+        if not np.isfinite(depths).all() or (depths < 0).any():
+            fail(f"obs[{depth!r}]", "holds negative or non-finite library sizes", "Pass measured counts' totals")
     if not (np.isfinite(target_sum) and target_sum > 0):
         fail("target_sum", f"{target_sum!r} is not a positive number", "Pass e.g. 1e4")
     if inplace and layer_added in adata.layers and not overwrite:
@@ -88,7 +107,11 @@ def log_normalize(
     if empty:
         logger.warning("%d of %d rows have a library size of 0 in %s (shapes off the map); they stay 0. Drop "
                        "them first, e.g. adata[adata.obs['pixgene_coverage'] > 0]", empty, len(totals), where)
-    if sp.issparse(x):
+    if depth is not None:
+        x = x.toarray() if sp.issparse(x) else np.asarray(x)
+        values = normalize_readout(x, totals, "measured_depth", measured_total=depths,
+                                   target_sum=target_sum).astype(np.float32)
+    elif sp.issparse(x):
         values = sp.csr_matrix(x, dtype=np.float64, copy=True)
         values.data *= np.repeat(row_scale(totals, target_sum), np.diff(values.indptr))
         np.log1p(values.data, out=values.data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._core.keys import TOTAL_OBS, UNS_KEY
-from .._core.normalize import log_normalize_np
+from .._core.normalize import READOUT_RULES, log_normalize_np, normalize_readout, row_scale
 from .._core.validate import fail, require_element
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,8 @@ class Scores:
 
     per_gene: pd.DataFrame
     summary: dict = field(default_factory=dict)
+    #: with several normalisations asked for (``evaluate(normalize=[...])``): each one's scores, by rule name
+    by_rule: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
         s = self.summary
@@ -69,6 +72,30 @@ def _dense(x) -> np.ndarray:
     return x.toarray() if sp.issparse(x) else np.asarray(x)
 
 
+PCC_KEYS = ("PCC@F", "PCC@S", "PCC@M")
+
+
+def _pcc_summary(scores: Scores) -> dict:
+    return {k: scores.summary[k] for k in (*PCC_KEYS, "MSE", "MAE")}
+
+
+def _rules(normalize: bool | str | Sequence[str], reference: str) -> list[str | None]:
+    """The normalisation rules asked for, checked: None stands for raw counts (``normalize=False``)."""
+    if normalize is False:
+        return [None]
+    if normalize is True:
+        return ["measured_depth" if reference == "measured" else "predicted_total"]
+    rules = [normalize] if isinstance(normalize, str) else list(normalize)
+    bad = [r for r in rules if r not in READOUT_RULES]
+    if bad or not rules:
+        fail("normalize", f"{bad or rules!r}: not a normalisation rule",
+             f"Pass True (the default rule), False (raw counts), or one or more of {READOUT_RULES}")
+    if reference == "truth" and "measured_depth" in rules:
+        fail("normalize", "'measured_depth' needs measured counts, and the reference is a ground-truth map",
+             "Score against a map with 'predicted_total' or 'global', or pass measured=<table key>")
+    return list(dict.fromkeys(rules))
+
+
 def evaluate(
     sdata: Any,
     *,
@@ -76,7 +103,7 @@ def evaluate(
     measured: str | None = None,
     truth: str | None = None,
     genes: list[str] | None = None,
-    normalize: bool = True,
+    normalize: bool | str | Sequence[str] = True,
     inplace: bool = True,
 ) -> Scores:
     """Score a read-out table against measured counts on the same shapes or against a ground-truth map.
@@ -95,19 +122,42 @@ def evaluate(
     genes
         Genes to score; default: all genes of ``predicted`` present in the reference.
     normalize
-        Compare ``log1p(1e4 * x / total)`` per shape (measured total = all genes of the table; predicted and
-        truth totals = their ``pixgene_total_counts``; where a table or map lacks it, the sum of the scored
-        genes, with a warning). ``False`` compares the raw expected counts.
+        How the read-out is put on the scale of the reference, which is always ``log1p(1e4 * x / total)`` per
+        shape (measured total = all genes of the table; a ground-truth map's total = its
+        ``pixgene_total_counts``). The read-out, with ``T`` its predicted library size (``pixgene_total_counts``;
+        where the table lacks it, the sum of the scored genes, with a warning), by rule:
+
+        - ``"predicted_total"``: ``log1p(1e4 * x / T)``, the predicted composition, as
+          :func:`pixgene.pp.log_normalize` gives it.
+        - ``"global"``: ``log1p(1e4 * x / mean(T))``, one constant for the table: the predicted counts with
+          their predicted depth.
+        - ``"measured_depth"``: what the measurement would read at each shape's own measured library size
+          ``D`` had the prediction been its composition: the mean of ``log1p(1e4 * X / D)`` for a Poisson
+          count ``X`` of mean ``D * x / T`` (measured references only).
+
+        ``True`` (default): ``"measured_depth"`` against measured counts, ``"predicted_total"`` against a
+        ground-truth map. Measured log-normalised values depend on depth as well as on composition: at a
+        few hundred counts per spot a gene's value is mostly 0 or one count's ``log1p(1e4 / D)``, so it rises
+        with the spot's depth, and spot-to-spot depth differences then dominate its variation. Only
+        ``"measured_depth"`` puts the prediction through the same sampling; the other two rules lose most
+        of their correlation on shallow sections (docs/concepts.md, "Normalise after the read-out"). Because
+        depth alone now predicts part of the measurement, the summary also gives ``"depth_only PCC@M"`` (and
+        F, S): the scores of a read-out holding the table's mean predicted composition in every shape, the
+        floor a prediction has to clear. A list scores every rule in it: the returned scores are the first's, each rule's are in
+        ``Scores.by_rule``. ``False`` compares the raw expected counts.
     inplace
         Store the summary under ``sdata.tables[predicted].uns["pixgene"]["evaluation"]``.
 
     Returns
     -------
     :class:`Scores` with ``per_gene`` (pearson, mse, mae, means) and ``summary`` (PCC@F/S/M: first quartile,
-    median and mean of the per-gene Pearson across shapes; MSE and MAE over shapes and genes).
+    median and mean of the per-gene Pearson across shapes; MSE and MAE over shapes and genes; ``normalize``:
+    the rule used; with ``"measured_depth"``, the ``depth_only`` scores; with several rules, ``by_rule``: each
+    rule's PCC@F/S/M, MSE and MAE).
     """
     if (measured is None) == (truth is None):
         fail("evaluate", "exactly one reference is needed", "Pass measured=<table key> or truth=<dense map key>")
+    rules = _rules(normalize, "measured" if measured is not None else "truth")
     pred_table = require_element(sdata, predicted, "tables")
     attrs = pred_table.uns.get("spatialdata_attrs", {})
     instance_key = attrs.get("instance_key")
@@ -143,7 +193,7 @@ def evaluate(
         fail("genes", f"not in both tables: {missing[:10]}", "Score genes that were predicted and measured")
     p = _dense(pred_rows[:, genes].X).astype(np.float64)
     t = _dense(ref_rows[:, genes].X).astype(np.float64)
-    if normalize:
+    if rules != [None]:
         if TOTAL_OBS in pred_rows.obs:
             p_total = pred_rows.obs[TOTAL_OBS].to_numpy(float)
         else:
@@ -154,15 +204,28 @@ def evaluate(
             logger.warning("%s has no %r channel: its rows are normalised by the sum of the %d scored genes",
                            label, TOTAL_OBS, len(genes))
             ref_total = t.sum(1)
-        p, t = log_normalize_np(p, p_total), log_normalize_np(t, np.asarray(ref_total, float))
-    scores = score_matrices(p, t, list(genes))
-    scores.summary["reference"] = label
-    scores.summary["normalize"] = normalize
+        ref_total = np.asarray(ref_total, float)
+        t = log_normalize_np(t, ref_total)
+    by_rule = {}
+    for rule in rules:
+        values = p if rule is None else normalize_readout(p, p_total, rule, measured_total=ref_total)
+        by_rule[rule] = score_matrices(values, t, list(genes))
+        by_rule[rule].summary.update(reference=label, normalize=rule if rule is not None else False)
+    if "measured_depth" in by_rule:
+        share = (p * row_scale(p_total, 1.0)[:, None]).mean(0, keepdims=True)
+        floor = normalize_readout(np.repeat(share, len(p), 0), np.ones(len(p)), "measured_depth",
+                                  measured_total=ref_total)
+        floor_scores = score_matrices(floor, t, list(genes)).summary
+        by_rule["measured_depth"].summary.update({f"depth_only {k}": floor_scores[k] for k in PCC_KEYS})
+    scores = by_rule[rules[0]]
+    if len(rules) > 1:
+        scores.by_rule = by_rule
+        scores.summary["by_rule"] = {r: _pcc_summary(sc) for r, sc in by_rule.items()}
     if inplace:
         info = dict(pred_table.uns.get(UNS_KEY, {}))
         evals = dict(info.get("evaluation", {}))
         evals[label] = scores.summary
         info["evaluation"] = evals
         pred_table.uns[UNS_KEY] = info
-    logger.info("%s vs %s: %r", predicted, label, scores)
+    logger.info("%s vs %s (%s): %r", predicted, label, scores.summary["normalize"], scores)
     return scores
