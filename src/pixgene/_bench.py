@@ -21,6 +21,8 @@ Scoring and normalisation
   scores tables (per-gene Pearson, PCC@F/S/M, MSE, MAE)
 - ``log_normalize_np``: ``log1p(1e4 * counts / total)`` per row, as ``pg.tl.evaluate`` normalises
   (``pixgene._core.normalize``)
+- ``READOUT_RULES``: the names of the read-out normalisations ``pg.tl.evaluate`` offers
+- ``normalize_readout``: a read-out's expected counts log-normalised by one of those rules
 - ``nb_quantiles``: quantiles of a negative binomial of mean ``mu`` and inverse dispersion ``theta``
   (``pixgene._core.nb``)
 - ``nb_mixture_quantiles``: quantiles of the equal mixture of the members' negative binomials
@@ -72,6 +74,12 @@ The training plan's module (torch and Lightning, imported on first use)
   (``train``, to capture what ``pg.tl.fit`` hands to training; ``integrate_pixels``) and read others
   (``PixNetTrainingPlan``, ``make_collate``, ``batch_features``, ``integrate_spots``). Its contents change
   with the training code; those two scripts change with it.
+
+The prediction's chunk module (imported on first use)
+
+- ``infer_chunks``: the module that predicts ``predict_dense``'s chunks (``pixgene.infer._chunks``), re-exported
+  whole because ``speed.py`` times its functions for a run (``resample_to_output``, ``ChunkStore.write``).
+  Its contents change with the prediction code; that script changes with it.
 """
 
 from __future__ import annotations
@@ -82,7 +90,7 @@ import numpy as np
 
 from pixgene._core.keys import INSTANCE_KEY, TOTAL_OBS
 from pixgene._core.nb import nb_mixture_quantiles, nb_quantiles, pooled_theta
-from pixgene._core.normalize import log_normalize_np
+from pixgene._core.normalize import READOUT_RULES, log_normalize_np, normalize_readout
 from pixgene._core.raster import full_resolution, to_float01
 from pixgene._core.units import record_um_per_px, recorded_um_per_px, resolve_um_per_px
 from pixgene.data import (
@@ -102,10 +110,10 @@ _NN = ("build_encoder", "encoder_flops_per_pixel", "resolve_precision", "Channel
        "list_encoders", "encoder_entry")
 
 #: modules re-exported whole, for the benchmarks that replace their functions; imported on first use
-_MODULES = {"training_plan": "pixgene.train._plan"}
+_MODULES = {"training_plan": "pixgene.train._plan", "infer_chunks": "pixgene.infer._chunks"}
 
 __all__ = [
-    "score_matrices", "log_normalize_np", "nb_quantiles", "nb_mixture_quantiles", "pooled_theta", "nb_dispersion",
+    "score_matrices", "log_normalize_np", "READOUT_RULES", "normalize_readout", "nb_quantiles", "nb_mixture_quantiles", "pooled_theta", "nb_dispersion",
     "full_resolution", "to_float01", "record_um_per_px", "recorded_um_per_px", "resolve_um_per_px",
     "INSTANCE_KEY", "TOTAL_OBS",
     "SlideReader", "prepare_spot_slide", "plan_tiles", "spots_inside", "block_mean", "dihedral_inverse",
