@@ -63,8 +63,26 @@ def _pcc(pred: np.ndarray, truth: np.ndarray, genes: list[str]) -> list[float]:
     return [round(float(s["PCC@M"]), 4), round(float(s["PCC@S"]), 4)]
 
 
+def fit_and_read_out(train_sdatas: list, new, genes: list[str], seed: int):
+    """The default fit with one decoder on ``train_sdatas``, read out over ``new``'s spots: (model, fit seconds,
+    expected counts of ``genes`` and predicted totals, both in the order of ``new``'s measured table)."""
+    from accuracy import _align
+
+    import pixgene as pg
+
+    t0 = time.perf_counter()
+    model = pg.tl.fit(train_sdatas, genes=genes, n_members=1, random_state=seed, progress=False)
+    fit_s = time.perf_counter() - t0
+    pg.tl.predict_dense(new, model, key_added="he_pixgene", overwrite=True, progress=False)
+    table = pg.tl.aggregate(new, shapes="spots", dense_key="he_pixgene", key_added="spots_pixgene",
+                            overwrite=True, progress=False)
+    order = _align(table, new.tables["table"])
+    pred = np.asarray(table[:, genes].X, dtype=np.float64)[order]
+    return model, fit_s, pred, table.obs["pixgene_total_counts"].to_numpy(dtype=np.float64)[order]
+
+
 def run_pair(pair: str, seed: int) -> dict:
-    from accuracy import _align, load_section
+    from accuracy import load_section
 
     import pixgene as pg
     from pixgene._bench import log_normalize_np
@@ -73,16 +91,8 @@ def run_pair(pair: str, seed: int) -> dict:
     train_sdatas = [load_section(dataset, s) for s in train.split("+")]
     new = load_section(dataset, test)
     genes = pg.pp.select_genes(train_sdatas, n_top=N_GENES, inplace=False)
-    t0 = time.perf_counter()
-    model = pg.tl.fit(train_sdatas, genes=genes, n_members=1, random_state=seed, progress=False)
-    fit_s = time.perf_counter() - t0
-    pg.tl.predict_dense(new, model, key_added="he_pixgene", overwrite=True, progress=False)
-    table = pg.tl.aggregate(new, shapes="spots", dense_key="he_pixgene", key_added="spots_pixgene",
-                            overwrite=True, progress=False)
+    model, fit_s, pred, pred_total = fit_and_read_out(train_sdatas, new, genes, seed)
     measured = new.tables["table"]
-    order = _align(table, measured)
-    pred = np.asarray(table[:, genes].X, dtype=np.float64)[order]
-    pred_total = table.obs["pixgene_total_counts"].to_numpy(dtype=np.float64)[order]
     x, total = _counts(measured, genes)
     train_counts = [_counts(s.tables["table"], genes) for s in train_sdatas]
     depth_total = np.concatenate([t for _, t in train_counts]).mean() / total.mean()
@@ -113,7 +123,7 @@ def fold_readout(fold: str, seed: int, cache: Path | None) -> dict:
     """The fold's gene sets, its model's read-out over the test spots (expected counts of the union of the gene
     sets, predicted totals) and the test section's measured counts (all genes, CSR); cached in ``cache``."""
     import scipy.sparse as sp
-    from accuracy import _align, load_section
+    from accuracy import load_section
 
     import pixgene as pg
 
@@ -130,16 +140,8 @@ def fold_readout(fold: str, seed: int, cache: Path | None) -> dict:
     genes_mean = pg.pp.select_genes(train_sdatas, n_top=N_GENES, flavor="mean", inplace=False)
     genes_hvg = pg.pp.select_genes(train_sdatas, n_top=N_GENES, inplace=False)
     genes = list(dict.fromkeys([*genes_mean, *genes_hvg]))
-    t0 = time.perf_counter()
-    model = pg.tl.fit(train_sdatas, genes=genes, n_members=1, random_state=seed, progress=False)
-    fit_s = time.perf_counter() - t0
-    pg.tl.predict_dense(new, model, key_added="he_pixgene", overwrite=True, progress=False)
-    table = pg.tl.aggregate(new, shapes="spots", dense_key="he_pixgene", key_added="spots_pixgene",
-                            overwrite=True, progress=False)
+    model, fit_s, pred, pred_total = fit_and_read_out(train_sdatas, new, genes, seed)
     measured = new.tables["table"]
-    order = _align(table, measured)
-    pred = np.asarray(table[:, genes].X, dtype=np.float64)[order]
-    pred_total = table.obs["pixgene_total_counts"].to_numpy(dtype=np.float64)[order]
     counts = sp.csr_matrix(measured.X, dtype=np.float64)
     out = {"genes_mean": genes_mean, "genes_hvg": genes_hvg, "genes": genes, "pred": pred,
            "pred_total": pred_total, "counts": counts, "measured_genes": list(measured.var_names),

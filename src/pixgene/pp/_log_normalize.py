@@ -79,25 +79,15 @@ def log_normalize(
     if total is None:
         totals = np.asarray(x.sum(1), dtype=np.float64).ravel()
         where = "the row sums of X" if layer is None else f"the row sums of layer {layer!r}"
+        if not np.isfinite(totals).all() or (totals < 0).any():
+            fail(where, "holds negative or non-finite library sizes", "Pass non-negative totals")
     else:
-        if total not in adata.obs:
-            have = ", ".join(map(repr, adata.obs.columns)) or "none"
-            fail(f"obs column {total!r}", f"not found (the table's obs columns are: {have})",
-                 "Pass a read-out table of pg.tl.aggregate from a map with the total channel, or "
-                 "total=None to normalise raw counts by their row sums")
-        totals = np.asarray(adata.obs[total], dtype=np.float64)
+        totals = _library_sizes(adata, total, "Pass a read-out table of pg.tl.aggregate from a map with the "
+                                "total channel, or total=None to normalise raw counts by their row sums")
         where = f"obs[{total!r}]"
-    if not np.isfinite(totals).all() or (totals < 0).any():
-        fail(where, "holds negative or non-finite library sizes", "Pass non-negative totals")
     if depth is not None:
-        if depth not in adata.obs:
-            have = ", ".join(map(repr, adata.obs.columns)) or "none"
-            fail(f"obs column {depth!r}", f"not found (the table's obs columns are: {have})",
-                 "Copy the measured library sizes into the read-out's obs first, e.g. "
-                 "readout.obs['measured_total'] = measured[readout.obs_names].X.sum(1)")
-        depths = np.asarray(adata.obs[depth], dtype=np.float64)
-        if not np.isfinite(depths).all() or (depths < 0).any():
-            fail(f"obs[{depth!r}]", "holds negative or non-finite library sizes", "Pass measured counts' totals")
+        depths = _library_sizes(adata, depth, "Copy the measured library sizes into the read-out's obs first, "
+                                "e.g. readout.obs['measured_total'] = measured[readout.obs_names].X.sum(1)")
     if not (np.isfinite(target_sum) and target_sum > 0):
         fail("target_sum", f"{target_sum!r} is not a positive number", "Pass e.g. 1e4")
     if inplace and layer_added in adata.layers and not overwrite:
@@ -122,3 +112,14 @@ def log_normalize(
         return values
     adata.layers[layer_added] = values
     return None
+
+
+def _library_sizes(adata: Any, column: str, fix: str) -> np.ndarray:
+    """``obs[column]`` as float64, checked: present, finite and non-negative."""
+    if column not in adata.obs:
+        have = ", ".join(map(repr, adata.obs.columns)) or "none"
+        fail(f"obs column {column!r}", f"not found (the table's obs columns are: {have})", fix)
+    sizes = np.asarray(adata.obs[column], dtype=np.float64)
+    if not np.isfinite(sizes).all() or (sizes < 0).any():
+        fail(f"obs[{column!r}]", "holds negative or non-finite library sizes", "Pass non-negative totals")
+    return sizes
