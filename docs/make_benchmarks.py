@@ -34,7 +34,7 @@ NOT_RECORDED = "not recorded"
 GROUPS: list[tuple[str, list[str]]] = [
     ("Accuracy", ["accuracy", "accuracy_fit_time", "her2st_holdout", "accuracy_cross_scale", "bins", "denoise",
                   "feature_bound", "library_size", "library_size_thinned"]),
-    ("Speed, memory and scale", ["scale", "gpu", "precision", "layout", "train_step", "step_layout",
+    ("Speed, memory and scale", ["speed", "scale", "gpu", "precision", "layout", "train_step", "step_layout",
                                  "accuracy_step_layout", "accuracy_feature_cache"]),
     ("Other results", []),
 ]

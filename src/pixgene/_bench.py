@@ -45,6 +45,7 @@ Data (``pixgene.data``)
 - ``prepare_spot_slide``: a slide's spots checked and in image pixels (a ``SpotSlide``)
 - ``plan_tiles``: training tiles covering a slide's spots
 - ``spots_inside``: which spots lie inside each candidate tile
+- ``tissue_mask``: an H&E image's boolean tissue mask and its image pixels per mask pixel
 - ``block_mean``: the mean over ``step`` x ``step`` blocks of a (c, h, w) array
 - ``dihedral_inverse``: undo one of the eight dihedral transforms of a tile
 
@@ -100,6 +101,7 @@ from pixgene.data import (
     plan_tiles,
     prepare_spot_slide,
     spots_inside,
+    tissue_mask,
 )
 from pixgene.infer import edge_error_profile, probe_texture, tiling_halo
 from pixgene.model import PixNet, build_module, nb_dispersion
@@ -116,7 +118,7 @@ __all__ = [
     "score_matrices", "log_normalize_np", "READOUT_RULES", "normalize_readout", "nb_quantiles", "nb_mixture_quantiles", "pooled_theta", "nb_dispersion",
     "full_resolution", "to_float01", "record_um_per_px", "recorded_um_per_px", "resolve_um_per_px",
     "INSTANCE_KEY", "TOTAL_OBS",
-    "SlideReader", "prepare_spot_slide", "plan_tiles", "spots_inside", "block_mean", "dihedral_inverse",
+    "SlideReader", "prepare_spot_slide", "plan_tiles", "spots_inside", "tissue_mask", "block_mean", "dihedral_inverse",
     "PixNet", "build_module", "working_um_per_px", "tiling_halo", "edge_error_profile", "probe_texture",
     *_NN, *_MODULES,
 ]
