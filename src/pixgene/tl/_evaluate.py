@@ -143,8 +143,8 @@ def evaluate(
         of their correlation on shallow sections (docs/concepts.md, "Normalise after the read-out"). Because
         depth alone now predicts part of the measurement, the summary also gives ``"depth_only PCC@M"`` (and
         F, S): the scores of a read-out holding the table's mean predicted composition in every shape, the
-        floor a prediction has to clear. A list scores every rule in it: the returned scores are the first's, each rule's are in
-        ``Scores.by_rule``. ``False`` compares the raw expected counts.
+        floor a prediction has to clear. A list scores every rule in it: the returned scores are the
+        first's, each rule's are in ``Scores.by_rule``. ``False`` compares the raw expected counts.
     inplace
         Store the summary under ``sdata.tables[predicted].uns["pixgene"]["evaluation"]``.
 
