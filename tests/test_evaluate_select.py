@@ -209,6 +209,8 @@ def test_evaluate_rules_against_values_computed_by_hand(fitted_session):
     default = pg.tl.evaluate(sdata, predicted="spots_rules", measured="table", genes=model.genes, inplace=False)
     assert default.summary["normalize"] == "measured_depth"
     assert default.summary["PCC@M"] == scores.by_rule["measured_depth"].summary["PCC@M"]
+    shown = repr(default)
+    assert ", measured_depth: " in shown and f"(depth alone {default.summary['depth_only PCC@M']:.3f})" in shown
     assert set(scores.by_rule) == {"global", "predicted_total", "measured_depth"}
     assert scores.summary["by_rule"]["measured_depth"]["PCC@M"] == scores.by_rule["measured_depth"].summary["PCC@M"]
     measured = sdata.tables["table"]

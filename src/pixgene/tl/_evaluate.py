@@ -29,9 +29,11 @@ class Scores:
 
     def __repr__(self) -> str:
         s = self.summary
+        rule = f", {s['normalize']}" if isinstance(s.get("normalize"), str) else ""
+        floor = f" (depth alone {s['depth_only PCC@M']:.3f})" if "depth_only PCC@M" in s else ""
         return (
-            f"Scores({s.get('n_genes')} genes x {s.get('n_shapes')} shapes: PCC@F {s['PCC@F']:.3f}, "
-            f"PCC@S {s['PCC@S']:.3f}, PCC@M {s['PCC@M']:.3f}, MSE {s['MSE']:.4f}, MAE {s['MAE']:.4f})"
+            f"Scores({s.get('n_genes')} genes x {s.get('n_shapes')} shapes{rule}: PCC@F {s['PCC@F']:.3f}, "
+            f"PCC@S {s['PCC@S']:.3f}, PCC@M {s['PCC@M']:.3f}{floor}, MSE {s['MSE']:.4f}, MAE {s['MAE']:.4f})"
         )
 
 
