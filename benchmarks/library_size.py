@@ -171,7 +171,7 @@ def thin(counts, fraction: float, rng: np.random.Generator, cv: float = CAPTURE_
 
 
 def run_thinned(folds: list[str], seed: int, repeats: int, cache: Path | None) -> dict:
-    from pixgene._bench import READOUT_RULES, log_normalize_np, normalize_readout
+    from pixgene._bench import READOUT_RULES, depth_only_readout, log_normalize_np, normalize_readout
 
     t0 = time.perf_counter()
     rows = []
@@ -197,9 +197,7 @@ def run_thinned(folds: list[str], seed: int, repeats: int, cache: Path | None) -
                     values = {rule: normalize_readout(pred, r["pred_total"][keep], rule, measured_total=total[keep])
                               for rule in READOUT_RULES}
                     # depth alone: every spot given the section's mean predicted composition
-                    share = (pred / r["pred_total"][keep][:, None]).mean(0, keepdims=True).repeat(len(pred), 0)
-                    values["depth_only"] = normalize_readout(share, np.ones(len(pred)), "measured_depth",
-                                                             measured_total=total[keep])
+                    values["depth_only"] = depth_only_readout(pred, r["pred_total"][keep], total[keep])
                     for rule, v in values.items():
                         acc.setdefault((set_name, rule), []).append(_pcc(v, truth, genes))
                     # beyond depth: the measured-depth reading and the measurement, both less depth alone

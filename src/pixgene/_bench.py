@@ -23,6 +23,7 @@ Scoring and normalisation
   (``pixgene._core.normalize``)
 - ``READOUT_RULES``: the names of the read-out normalisations ``pg.tl.evaluate`` offers
 - ``normalize_readout``: a read-out's expected counts log-normalised by one of those rules
+- ``depth_only_readout``: what depth alone predicts of a measurement (``pg.tl.evaluate``'s depth-only floor)
 - ``nb_quantiles``: quantiles of a negative binomial of mean ``mu`` and inverse dispersion ``theta``
   (``pixgene._core.nb``)
 - ``nb_mixture_quantiles``: quantiles of the equal mixture of the members' negative binomials
@@ -91,7 +92,7 @@ import numpy as np
 
 from pixgene._core.keys import INSTANCE_KEY, TOTAL_OBS
 from pixgene._core.nb import nb_mixture_quantiles, nb_quantiles, pooled_theta
-from pixgene._core.normalize import READOUT_RULES, log_normalize_np, normalize_readout
+from pixgene._core.normalize import READOUT_RULES, depth_only_readout, log_normalize_np, normalize_readout
 from pixgene._core.raster import full_resolution, to_float01
 from pixgene._core.units import record_um_per_px, recorded_um_per_px, resolve_um_per_px
 from pixgene.data import (
@@ -115,10 +116,12 @@ _NN = ("build_encoder", "encoder_flops_per_pixel", "resolve_precision", "Channel
 _MODULES = {"training_plan": "pixgene.train._plan", "infer_chunks": "pixgene.infer._chunks"}
 
 __all__ = [
-    "score_matrices", "log_normalize_np", "READOUT_RULES", "normalize_readout", "nb_quantiles", "nb_mixture_quantiles", "pooled_theta", "nb_dispersion",
+    "score_matrices", "log_normalize_np", "READOUT_RULES", "normalize_readout", "depth_only_readout",
+    "nb_quantiles", "nb_mixture_quantiles", "pooled_theta", "nb_dispersion",
     "full_resolution", "to_float01", "record_um_per_px", "recorded_um_per_px", "resolve_um_per_px",
     "INSTANCE_KEY", "TOTAL_OBS",
-    "SlideReader", "prepare_spot_slide", "plan_tiles", "spots_inside", "tissue_mask", "block_mean", "dihedral_inverse",
+    "SlideReader", "prepare_spot_slide", "plan_tiles", "spots_inside", "tissue_mask", "block_mean",
+    "dihedral_inverse",
     "PixNet", "build_module", "working_um_per_px", "tiling_halo", "edge_error_profile", "probe_texture",
     *_NN, *_MODULES,
 ]

@@ -52,8 +52,17 @@ def normalize_readout(pred: np.ndarray, pred_total: np.ndarray, rule: str,
     raise ValueError(f"unknown rule {rule!r}; one of {READOUT_RULES}")
 
 
-#: Poisson means above which the expectation is taken to second order (the sum's truncation error is below
-#: 1e-6 up to here with the terms kept)
+def depth_only_readout(pred: np.ndarray, pred_total: np.ndarray, measured_total: np.ndarray,
+                       target_sum: float = NORMALIZE_TARGET) -> np.ndarray:
+    """The ``"measured_depth"`` reading of a read-out that holds its mean predicted composition (over shapes) in
+    every shape: what depth alone predicts of the measurement, the floor a prediction has to clear."""
+    share = (np.asarray(pred, dtype=np.float64) * row_scale(pred_total, 1.0)[:, None]).mean(0)
+    return expected_log_normalized(np.broadcast_to(share, np.shape(pred)),
+                                   np.asarray(measured_total, dtype=np.float64), target_sum)
+
+
+#: Poisson means above which the expectation is taken from its expansion about the mean (the sum's truncation
+#: error is below 1e-6 up to here with the terms kept)
 _SUM_BELOW = 30.0
 _TERMS = 96
 

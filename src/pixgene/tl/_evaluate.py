@@ -12,7 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._core.keys import TOTAL_OBS, UNS_KEY
-from .._core.normalize import READOUT_RULES, log_normalize_np, normalize_readout, row_scale
+from .._core.normalize import READOUT_RULES, depth_only_readout, log_normalize_np, normalize_readout
 from .._core.validate import fail, require_element
 
 logger = logging.getLogger(__name__)
@@ -214,10 +214,7 @@ def evaluate(
         by_rule[rule] = score_matrices(values, t, list(genes))
         by_rule[rule].summary.update(reference=label, normalize=rule if rule is not None else False)
     if "measured_depth" in by_rule:
-        share = (p * row_scale(p_total, 1.0)[:, None]).mean(0, keepdims=True)
-        floor = normalize_readout(np.repeat(share, len(p), 0), np.ones(len(p)), "measured_depth",
-                                  measured_total=ref_total)
-        floor_scores = score_matrices(floor, t, list(genes)).summary
+        floor_scores = score_matrices(depth_only_readout(p, p_total, ref_total), t, list(genes)).summary
         by_rule["measured_depth"].summary.update({f"depth_only {k}": floor_scores[k] for k in PCC_KEYS})
     scores = by_rule[rules[0]]
     if len(rules) > 1:
